@@ -1,0 +1,370 @@
+"""Data helpers shared by every method file: reading, downloading, preprocessing, client partition.
+
+Everything here runs *before* federation starts and is method-independent:
+
+    read_counts(path)     -> counts (cells x genes), labels or None     (HDF5 / .h5ad / CSV / TSV)
+    resolve_data(name)    -> path of a benchmark file, downloaded and checksummed if missing
+    preprocess(X, n)      -> float32 matrix, as contrastive-sc / scDeepCluster do it  (SPEC 1.2)
+    partition(y, ...)     -> one index array per client                            (SPEC 7)
+    synthetic_counts(...) -> labelled toy counts for tests
+
+Every problem a user can cause (a missing file, negative counts, too many types per client...)
+raises DataError with a one-line message that says what to do; the scripts print it and exit.
+"""
+import hashlib
+import heapq
+import math
+import os
+import tempfile
+import urllib.error
+import urllib.request
+
+import numpy as np
+import scipy.sparse as sp
+
+
+class DataError(Exception):
+    """A problem with the user's input: printed as one line, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmarks of the paper (files of the scDCC authors, Apache-2.0, pinned to a commit)
+# ---------------------------------------------------------------------------------------------
+SCDCC = "https://raw.githubusercontent.com/ttgump/scDCC/142e4e0370f4134751e92a160f95f97fce8db369/data/Small_Datasets/"
+BENCHMARKS = {
+    # name: file, sha256, HVGs kept (contrastive-sc optimum), types per client in the paper
+    "10X_PBMC": dict(file="10X_PBMC_top2000.h5", n_genes=500, types_per_client=2,
+                     sha256="ec78ead405dfa988d6156c12068b49c0782ca58f5ed52c938d8ba8e8377eb16e"),
+    "mouse_bladder": dict(file="mouse_bladder_cell_top2000.h5", n_genes=1500, types_per_client=4,
+                          sha256="2a97282cf325a4b2a63c2b818be82c453007f29838c7280f30dadd01be4501ab"),
+}
+DEFAULT_N_GENES, DEFAULT_TYPES_PER_CLIENT = 500, 2  # for any other file
+
+
+def data_dir():
+    return os.environ.get("FEDSC_DATA_DIR", "./data")
+
+
+def sha256sum(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, dest, sha256, timeout=30):
+    """Fetch url to dest atomically (temp file + rename) after checking its sha256."""
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dest)), suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as r:
+            while chunk := r.read(1 << 20):
+                out.write(chunk)
+        got = sha256sum(tmp)
+        if got != sha256:
+            raise DataError(f"download of {url} has sha256 {got}, expected {sha256}; "
+                            f"fetch the file by hand and put it at {dest}")
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise DataError(f"could not download {url} ({e}); put the file at {dest} "
+                        f"or set FEDSC_DATA_DIR to a folder that holds it") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def resolve_data(name):
+    """A benchmark name -> its file in FEDSC_DATA_DIR (downloaded if absent); a path -> itself."""
+    if name in BENCHMARKS:
+        b = BENCHMARKS[name]
+        path = os.path.join(data_dir(), b["file"])
+        if not os.path.exists(path):
+            print(f"{path} not found: downloading it from {SCDCC}", flush=True)
+            download(SCDCC + b["file"], path, b["sha256"])
+        return path
+    if os.path.exists(name):
+        return name
+    if os.sep not in name and "." not in name:
+        raise DataError(f"unknown dataset name '{name}': use one of {', '.join(BENCHMARKS)} "
+                        f"or a path to an .h5/.h5ad/.csv/.tsv file")
+    raise DataError(f"data file '{name}' does not exist; pass an existing path with --data")
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: each returns (counts, labels or None); counts are cells x genes, dense or sparse
+# ---------------------------------------------------------------------------------------------
+def _h5_matrix(node):
+    """An h5py dataset (dense) or an AnnData sparse group (data/indices/indptr + shape)."""
+    import h5py
+    if isinstance(node, h5py.Dataset):
+        return node[()]
+    enc = node.attrs.get("encoding-type", node.attrs.get("h5sparse_format", b""))
+    enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+    shape = tuple(node.attrs["shape"] if "shape" in node.attrs else node.attrs["h5sparse_shape"])
+    cls = sp.csc_matrix if "csc" in enc else sp.csr_matrix
+    return cls((node["data"][()], node["indices"][()], node["indptr"][()]), shape=shape)
+
+
+def _decode(a):
+    a = np.asarray(a)
+    return a.astype(str) if a.dtype.kind in "SO" else a
+
+
+def _h5ad_column(f, key):
+    """An obs column of an .h5ad file: categorical (codes + categories) or plain."""
+    obs = f["obs"]
+    if key not in obs:
+        cols = [k for k in obs.keys() if not k.startswith("_")]
+        raise DataError(f"obs has no column '{key}'; columns are: {', '.join(cols)}")
+    col = obs[key]
+    if hasattr(col, "keys"):  # anndata >= 0.8 categorical: group with codes and categories
+        codes, cats = col["codes"][()], _decode(col["categories"][()])
+        return np.where(codes >= 0, cats[np.maximum(codes, 0)], None)
+    values = _decode(col[()])
+    if "__categories" in obs and key in obs["__categories"]:  # anndata < 0.8 categorical
+        cats = _decode(obs["__categories"][key][()])
+        return np.where(values >= 0, cats[np.maximum(values, 0)], None)
+    return values
+
+
+def read_h5(path, label_key=None):
+    import h5py
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"cannot read '{path}' as HDF5 ({e})") from None
+    with f:
+        if "obs" in f:  # AnnData layout
+            if "X" not in f:
+                raise DataError(f"'{path}' is an AnnData file without X (no counts)")
+            X = _h5_matrix(f["X"])
+            y = _h5ad_column(f, label_key) if label_key else None
+            return X, y
+        if "X" not in f:
+            raise DataError(f"'{path}' holds no counts: expected a dataset 'X' (cells x genes); "
+                            f"found {', '.join(f.keys()) or 'nothing'}")
+        X = _h5_matrix(f["X"])
+        key = label_key or "Y"
+        y = f[key][()] if key in f else None
+        if label_key and y is None:
+            raise DataError(f"'{path}' has no labels dataset '{label_key}'")
+        return X, y
+
+
+def read_table(path, transpose=False):
+    import pandas as pd
+    sep = "," if path.endswith((".csv", ".csv.gz")) else "\t"
+    try:
+        df = pd.read_csv(path, sep=sep, index_col=0)
+    except Exception as e:  # pandas raises many kinds; all mean "not a readable table"
+        raise DataError(f"cannot read '{path}' as a table ({type(e).__name__}: {e})") from None
+    if transpose:
+        df = df.T
+    try:
+        return df.to_numpy(dtype=np.float64)
+    except ValueError:
+        raise DataError(f"'{path}' has non-numeric entries; counts must be numbers "
+                        f"(cells as rows, or genes as rows with --transpose)") from None
+
+
+def read_labels(path):
+    """One label per line (optionally a header line); with several columns the last is used."""
+    import pandas as pd
+    try:
+        df = pd.read_csv(path, sep=None, engine="python", header=None)
+    except Exception as e:
+        raise DataError(f"cannot read labels file '{path}' ({type(e).__name__}: {e})") from None
+    return df.iloc[:, -1].to_numpy()
+
+
+def read_counts(path, label_key=None, labels=None, transpose=False):
+    """Pick the reader from the file itself: HDF5 (scDeepCluster X/Y or AnnData) or a text table."""
+    if not os.path.isfile(path):
+        raise DataError(f"data file '{path}' does not exist or is not a file")
+    with open(path, "rb") as f:
+        is_hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
+    if is_hdf5:
+        X, y = read_h5(path, label_key)
+    elif path.endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")):
+        X, y = read_table(path, transpose), None
+    else:
+        raise DataError(f"'{path}' is neither HDF5 (.h5/.h5ad) nor a .csv/.tsv/.txt table")
+    if labels:
+        y = read_labels(labels)
+        if len(y) == X.shape[0] + 1:  # a header line
+            y = y[1:]
+    return check_counts(X, y, path)
+
+
+def check_counts(X, y, what="data"):
+    if X.ndim != 2 or min(X.shape) == 0:
+        raise DataError(f"{what}: counts must be a non-empty cells x genes matrix, got shape {X.shape}")
+    vals = X.data if sp.issparse(X) else X
+    if not np.issubdtype(vals.dtype, np.number):
+        raise DataError(f"{what}: counts are not numeric (dtype {vals.dtype})")
+    if np.isnan(vals).any() or np.isinf(vals).any():
+        raise DataError(f"{what}: counts contain NaN or infinite values; raw counts are needed")
+    if (vals < 0).any():
+        raise DataError(f"{what}: counts contain negative values; pass raw (unnormalised) counts")
+    if y is not None:
+        y = np.asarray(y)
+        if len(y) != X.shape[0]:
+            raise DataError(f"{what}: {len(y)} labels for {X.shape[0]} cells; they must match "
+                            f"(cells are rows; use --transpose if genes are rows)")
+        if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in y.tolist()):
+            raise DataError(f"{what}: some labels are missing (NaN/None)")
+        y = np.unique(y.astype(str) if y.dtype.kind in "OUS" else y, return_inverse=True)[1].astype(np.int64)
+    return X, y
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing (SPEC 1.2): contrastive-sc's train.preprocess + utils.normalize, in numpy
+# ---------------------------------------------------------------------------------------------
+def hvg_seurat(X_log, n_top, n_bins=20):
+    """scanpy highly_variable_genes(flavor='seurat', n_top_genes=n_top) on log1p data; returns a
+    boolean gene mask. Dispersion = var/mean of expm1(X), z-scored within 20 mean bins."""
+    X = np.expm1(X_log)
+    mean = X.mean(0)
+    var = X.var(0, ddof=1)
+    mean[mean == 0] = 1e-12
+    disp = var / mean
+    disp[disp == 0] = np.nan
+    disp = np.log(disp)
+    lmean = np.log1p(mean)
+    # pd.cut(lmean, 20): equal-width, right-closed bins, the lowest edge moved down by 0.1% of the range
+    lo, hi = lmean.min(), lmean.max()
+    if hi == lo:
+        lo, hi = lo - 0.001 * abs(lo) if lo else -0.001, hi + 0.001 * abs(hi) if hi else 0.001
+        edges = np.linspace(lo, hi, n_bins + 1)
+    else:
+        edges = np.linspace(lo, hi, n_bins + 1)
+        edges[0] -= (hi - lo) * 0.001
+    bins = np.clip(np.searchsorted(edges, lmean, side="left") - 1, 0, n_bins - 1)
+    z = np.full_like(disp, np.nan)
+    for b in np.unique(bins):
+        sel = bins == b
+        d = disp[sel]
+        ok = ~np.isnan(d)
+        m = d[ok].mean() if ok.any() else np.nan
+        s = d[ok].std(ddof=1) if ok.sum() > 1 else np.nan
+        if np.isnan(s):  # scanpy: a bin with a single gene gets mean 0, std = its value -> z = 1
+            m, s = 0.0, m
+        z[sel] = (d - m) / s
+    ranked = np.sort(z[~np.isnan(z)])[::-1]
+    if n_top >= len(ranked):
+        return np.ones(len(z), bool)
+    return np.nan_to_num(z) >= ranked[n_top - 1]
+
+
+def preprocess(X, n_genes):
+    """Raw counts -> float32 (cells x HVGs). Returns (matrix, kept cell indices, kept gene indices).
+    ceil -> drop empty genes/cells -> median library-size normalisation -> log1p -> seurat HVGs
+    -> per-gene z-score (ddof=1, no clipping)."""
+    X = X.toarray() if sp.issparse(X) else np.asarray(X)
+    X = np.ceil(X.astype(np.float64))
+    genes = np.flatnonzero(X.sum(0) >= 1)
+    X = X[:, genes]
+    cells = np.flatnonzero(X.sum(1) >= 1)
+    X = X[cells]
+    if len(cells) < 2 or len(genes) < 2:
+        raise DataError(f"after removing empty cells/genes only {len(cells)} cells x {len(genes)} genes are left")
+    totals = X.sum(1, keepdims=True)
+    X = np.log1p(X * (np.median(totals) / totals))
+    keep = hvg_seurat(X, n_genes)
+    X, genes = X[:, keep], genes[keep]
+    std = X.std(0, ddof=1)
+    std[std == 0] = 1
+    X = (X - X.mean(0)) / std
+    return X.astype(np.float32), cells, genes
+
+
+# ---------------------------------------------------------------------------------------------
+# Client partition (SPEC 7): EasyFL's non_iid_class heap algorithm, iid, dirichlet
+# ---------------------------------------------------------------------------------------------
+def equal_division(n_groups, idx, rng):
+    """Shuffle and split into near-equal contiguous parts; the last (n mod p) parts get one more."""
+    idx = rng.permutation(idx)
+    base, extra = divmod(len(idx), n_groups)
+    sizes = [base] * (n_groups - extra) + [base + 1] * extra
+    return np.split(idx, np.cumsum(sizes)[:-1])
+
+
+def partition(y, n_clients, scheme="class", types_per_client=2, alpha=0.5, seed=0,
+              shuffle_classes=False, min_size=10):
+    """Cell indices per client. 'class': EasyFL non_iid_class (c types per client, min-heap over
+    (times used, class id)); classes never popped are not used for training (e.g. bladder c=1).
+    'iid': shuffled equal split. 'dirichlet': per-class Dir(alpha) proportions, resampled until
+    every client holds min(min_size, N/K) cells."""
+    rng = np.random.RandomState(seed)
+    n = len(y) if y is not None else None
+    if scheme == "iid":
+        parts = equal_division(n_clients, np.arange(n), rng)
+    elif y is None:
+        raise DataError(f"--partition {scheme} needs cell-type labels; use --partition iid for unlabelled data")
+    elif scheme == "class":
+        classes = np.unique(y)
+        if types_per_client > len(classes):
+            raise DataError(f"--types-per-client {types_per_client} is more than the {len(classes)} "
+                            f"cell types in the data")
+        if types_per_client < 1:
+            raise DataError("--types-per-client must be at least 1")
+        if shuffle_classes:
+            classes = rng.permutation(classes)
+        per_class = math.ceil(types_per_client * n_clients / len(classes))
+        pieces = {c: equal_division(per_class, np.flatnonzero(y == c), rng) for c in classes}
+        heap = [(0, int(i)) for i in range(len(classes))]  # (times consumed, position of the class)
+        heapq.heapify(heap)
+        parts = []
+        for _ in range(n_clients):
+            mine = []
+            for _ in range(types_per_client):
+                used, i = heapq.heappop(heap)
+                mine.append(pieces[classes[i]][used])
+                heapq.heappush(heap, (used + 1, i))
+            parts.append(np.concatenate(mine))
+    elif scheme == "dirichlet":
+        need = min(min_size, n // n_clients)
+        for _ in range(1000):
+            parts = [[] for _ in range(n_clients)]
+            for c in np.unique(y):
+                idx = rng.permutation(np.flatnonzero(y == c))
+                p = rng.dirichlet(alpha * np.ones(n_clients))
+                p = p * np.array([len(q) < n / n_clients for q in parts])
+                p = p / p.sum() if p.sum() > 0 else np.ones(n_clients) / n_clients
+                cuts = (np.cumsum(p) * len(idx)).astype(int)[:-1]
+                for k, chunk in enumerate(np.split(idx, cuts)):
+                    parts[k].extend(chunk.tolist())
+            if min(len(q) for q in parts) >= need:
+                break
+        else:
+            raise DataError(f"dirichlet partition with alpha={alpha} could not give every client "
+                            f"{need} cells in 1000 draws; raise --dirichlet-alpha or use fewer clients")
+        parts = [np.array(q, dtype=np.int64) for q in parts]
+    else:
+        raise DataError(f"unknown partition '{scheme}': use class, iid or dirichlet")
+    parts = [np.sort(p).astype(np.int64) for p in parts]
+    for k, p in enumerate(parts):
+        if len(p) < 2:
+            raise DataError(f"client {k} holds {len(p)} cell(s); every client needs at least 2 "
+                            f"(BatchNorm): use fewer --clients or another --partition")
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic counts for tests: cell-type gene programs + negative-binomial noise
+# ---------------------------------------------------------------------------------------------
+def synthetic_counts(n_cells=400, n_genes=300, n_types=4, seed=0, dispersion=0.5, program_genes=30):
+    """Each type up-regulates its own block of genes 4-fold over a log-normal baseline; counts are
+    NB(mean, dispersion) (Poisson if dispersion=0) times a per-cell library size."""
+    rng = np.random.RandomState(seed)
+    y = rng.randint(0, n_types, n_cells)
+    base = rng.lognormal(-1.0, 1.0, n_genes)
+    mu = np.tile(base, (n_types, 1))
+    for t in range(n_types):
+        mu[t, rng.choice(n_genes, program_genes, replace=False)] *= 4.0
+    mean = mu[y] * rng.lognormal(0.0, 0.3, (n_cells, 1))
+    if dispersion > 0:
+        mean = rng.gamma(1.0 / dispersion, mean * dispersion)
+    return rng.poisson(mean).astype(np.float32), y
