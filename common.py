@@ -278,13 +278,13 @@ def batches(n, batch_size, gen):
     return list(perm[: n - n % batch_size].split(batch_size))
 
 
-def federate(args, data, model, upload, download, loss_fn, trainable=None, after_step=None):
+def federate(args, data, model, upload, download, loss_fn, trainable, after_step=None):
     """Run args.rounds rounds. Hooks from the method file:
       upload:      names of the modules a client sends (with its cell count) to the server
-      download(client, global_state, rnd) -> dict of numbers to log: take the global model back
-      loss_fn(model, v1, v2, client) -> scalar loss on two masked views of a batch
-      trainable(model) -> parameters the local optimizer updates (default: all)
-      after_step(model, client, step): per-step update, e.g. a target EMA
+      download(client, global_state, rnd, args) -> dict of numbers to log: take the global model back
+      loss_fn(model, v1, v2, client, args) -> scalar loss on two masked views of a batch
+      trainable(model, args) -> parameters the local optimizer updates
+      after_step(model, client, step, args): per-step update, e.g. a target EMA (or None)
     Returns the server's model (its uploaded modules hold the final global weights)."""
     gen = torch.Generator().manual_seed(args.seed)
     X = torch.from_numpy(data.X)
@@ -298,20 +298,19 @@ def federate(args, data, model, upload, download, loss_fn, trainable=None, after
         uploads, losses, logs = [], [], []
         for c in clients:
             # ---- on client c: download, local epochs, upload ----------------------------------
-            logs.append(download(c, global_state, rnd) or {})
-            params = trainable(c.model) if trainable else c.model.parameters()
-            opt = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+            logs.append(download(c, global_state, rnd, args) or {})
+            opt = torch.optim.SGD(trainable(c.model, args), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
             c.model.train()
             for _ in range(args.local_epochs):
                 for idx in batches(c.n, args.batch_size, gen):
                     xb = c.x[idx]
                     v1, v2 = mask(xb, args.mask_rate, gen), mask(xb, args.mask_rate, gen)
-                    loss = loss_fn(c.model, v1, v2, c)
+                    loss = loss_fn(c.model, v1, v2, c, args)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     if after_step:
-                        after_step(c.model, c, step)
+                        after_step(c.model, c, step, args)
                     step += 1
                     losses.append(loss.detach())
             # what crosses the wire: copies of the uploaded modules' weights and the cell count

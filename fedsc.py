@@ -6,7 +6,6 @@ import copy
 import time
 import typing
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -46,7 +45,7 @@ def make_model(n_genes, args):
     return nn.ModuleDict(dict(online=online, predictor=predictor, target=target))
 
 
-def trainable(model):
+def trainable(model, args):
     """The local optimizer updates the online encoder and the predictor, never the target."""
     return list(model["online"].parameters()) + list(model["predictor"].parameters())
 
@@ -58,7 +57,7 @@ def byol_loss(p, z):
     return 2 - 2 * F.cosine_similarity(p, z, dim=-1)
 
 
-def loss_fn(model, v1, v2, client):
+def loss_fn(model, v1, v2, client, args):
     p1, p2 = model["predictor"](model["online"](v1)), model["predictor"](model["online"](v2))
     with torch.no_grad():  # stop-gradient on the target branch
         z1, z2 = model["target"](v1), model["target"](v2)
@@ -129,6 +128,5 @@ if __name__ == "__main__":
         t_start = time.time()
         data = common.setup(args, "FedSC")
         model = make_model(data.X.shape[1], args)  # the server's initial global model (seeded)
-        model = common.federate(args, data, model, UPLOAD, partial(download, args=args), loss_fn,
-                                trainable, partial(after_step, args=args))
+        model = common.federate(args, data, model, UPLOAD, download, loss_fn, trainable, after_step)
         common.finish(args, data, model, t_start)
