@@ -112,8 +112,8 @@ def parse_args(cls, argv=None):
     for f in dataclasses.fields(cls):
         names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         kw = dict(default=f.default, help=docs.get(f.name, " "))
-        if f.type is bool:
-            kw["action"] = argparse.BooleanOptionalAction
+        if f.type is bool:  # False by default: a plain switch; True by default: --x / --no-x
+            kw["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
         elif typing.get_origin(f.type) is typing.Literal:
             kw.update(choices=typing.get_args(f.type), type=type(typing.get_args(f.type)[0]))
         else:
@@ -160,32 +160,42 @@ def check_args(args):
         raise D.DataError(f"--lr must be positive, got {args.lr}")
 
 
-def setup(args, method):
-    """Print the resolved config, seed everything, load + preprocess + partition the data."""
+def resolve(args, method):
+    """Fill in the method name and the dataset-dependent defaults (0 = the paper's value)."""
     args.method = method
-    check_args(args)
-    torch.set_num_threads(args.threads)
     bench = D.BENCHMARKS.get(args.data, {})
     args.n_genes = args.n_genes or bench.get("n_genes", D.DEFAULT_N_GENES)
     args.types_per_client = args.types_per_client or bench.get("types_per_client", D.DEFAULT_TYPES_PER_CLIENT)
-    print(f"config {json.dumps(vars(args))}", flush=True)
-    print(f"torch {torch.__version__}  threads {torch.get_num_threads()}", flush=True)
-    seed_everything(args.seed)
+    return args
 
+
+def load(args):
+    """Read and preprocess the data; returns (X, labels, n_clusters, kept cells, raw counts)."""
     path = D.resolve_data(args.data)
-    X, y = D.read_counts(path, args.label_key or None, args.labels or None, args.transpose)
-    X, cells, genes = D.preprocess(X, args.n_genes)
+    counts, y = D.read_counts(path, args.label_key or None, args.labels or None, args.transpose)
+    X, cells, genes = D.preprocess(counts, args.n_genes)
     y = None if y is None else y[cells]
     if y is None and args.n_clusters < 1:
         raise D.DataError(f"'{path}' has no cell-type labels: pass --n-clusters to choose k "
                           f"(only the label-free metrics will be reported)")
-    n_clusters = args.n_clusters or len(np.unique(y))
+    print(f"data {path}: {len(X)} cells x {X.shape[1]} genes, "
+          f"{'no labels' if y is None else f'{len(np.unique(y))} types'}", flush=True)
+    return X, y, args.n_clusters or len(np.unique(y)), cells, counts[cells]
+
+
+def setup(args, method):
+    """Print the resolved config, seed everything, load + preprocess + partition the data."""
+    resolve(args, method)
+    check_args(args)
+    torch.set_num_threads(args.threads)
+    print(f"config {json.dumps(vars(args))}", flush=True)
+    print(f"torch {torch.__version__}  threads {torch.get_num_threads()}", flush=True)
+    seed_everything(args.seed)
+    X, y, n_clusters, cells, _ = load(args)
     if len(X) < args.clients:
         raise D.DataError(f"{len(X)} cells for {args.clients} clients; use fewer --clients")
     parts = D.partition(y, args.clients, args.partition, args.types_per_client,
                         args.dirichlet_alpha, args.seed, args.shuffle_classes)
-    print(f"data {path}: {len(X)} cells x {X.shape[1]} genes, "
-          f"{'no labels' if y is None else f'{len(np.unique(y))} types'}, k={n_clusters}", flush=True)
     for k, idx in enumerate(parts):
         types = "" if y is None else f"  types {sorted(set(y[idx].tolist()))}"
         print(f"client {k}: {len(idx)} cells{types}", flush=True)
@@ -374,10 +384,8 @@ def cluster_metrics(h, y, n_clusters, seed, threads=1):
     return out, pred
 
 
-def evaluate(args, data, model, return_all=False):
-    h = embed(args, model, data.X)
-    metrics, pred = cluster_metrics(h, data.y, data.n_clusters, args.seed, args.threads)
-    return (metrics, h, pred) if return_all else metrics
+def evaluate(args, data, model):
+    return cluster_metrics(embed(args, model, data.X), data.y, data.n_clusters, args.seed, args.threads)[0]
 
 
 def config_id(args):
@@ -401,9 +409,11 @@ def append_row(path, row):
         os.replace(tmp, path)
 
 
-def finish(args, data, model, t_start):
-    """Evaluate the final global encoder, save embedding + clusters, append the results row."""
-    metrics, h, pred = evaluate(args, data, model, return_all=True)
+def finish(args, data, model, t_start, h=None):
+    """Cluster the final global encoder's embedding (or a given one, h), save the embedding and the
+    clusters, and append the results row."""
+    h = embed(args, model, data.X) if h is None else h
+    metrics, pred = cluster_metrics(h, data.y, data.n_clusters, args.seed, args.threads)
     seconds = time.time() - t_start
     print("final  " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f"  time {seconds:.1f}s", flush=True)
     name = f"{os.path.basename(str(args.data)).split('.')[0]}__{args.method}__s{args.seed}__{int(time.time())}"

@@ -1,0 +1,85 @@
+# Centralized reference rows of Table 1 (no federation: all cells in one place). Docs: README.md#centralizedpy
+"""Centralized baselines on the same preprocessed cells:
+  pca      PCA (50 components) of the preprocessed matrix + KMeans: a strong, honest baseline
+  pca_raw  the paper's PCA row: PCA(2) of the raw ceil'd counts + KMeans (contrastive-sc's notebook)
+  csc      contrastive-sc itself: Dropout(0.9) inside the encoder, NT-Xent (T 0.07), Adam lr 0.4,
+           batch 200, 30 epochs (SPEC 6, item 5)
+For centralized training of a federated method, run it with one client: --clients 1 --partition iid."""
+import time
+import typing
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from fedsimclr import nt_xent
+
+
+@dataclass
+class Args(common.FedArgs):
+    """Centralized baselines; the federated arguments (clients, rounds, ...) are not used."""
+    baseline: typing.Literal["pca", "pca_raw", "csc"] = "pca"
+    """which centralized baseline to run"""
+    n_components: int = 50
+    """--baseline pca: principal components kept"""
+    epochs: int = 30
+    """--baseline csc: training epochs"""
+    csc_lr: float = 0.4
+    """--baseline csc: Adam learning rate (contrastive-sc's default)"""
+    csc_batch: int = 200
+    """--baseline csc: batch size"""
+
+
+def pca(X, n_components, seed):
+    from sklearn.decomposition import PCA
+    return PCA(n_components=min(n_components, *X.shape), random_state=seed).fit_transform(X)
+
+
+def contrastive_sc(X, args):
+    """contrastive-sc's train_model: the same batch twice through an encoder whose first layer is
+    Dropout(0.9), so the two views differ by their dropout masks; lr follows its cosine formula
+    with the epoch count hard-coded to 500."""
+    gen = torch.Generator().manual_seed(args.seed)
+    net = nn.Sequential(nn.Dropout(0.9), common.backbone(X.shape[1]))
+    opt = torch.optim.Adam(net.parameters(), lr=args.csc_lr)
+    X = torch.from_numpy(X)
+    for epoch in range(args.epochs):
+        for g in opt.param_groups:
+            g["lr"] = args.csc_lr * 0.5 * (1 + np.cos(np.pi * epoch / 500))
+        perm, losses = torch.randperm(len(X), generator=gen), []
+        for idx in perm.split(args.csc_batch):
+            if len(idx) < 2:
+                continue
+            loss = nt_xent(net(X[idx]), net(X[idx]), 0.07)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        print(f"epoch {epoch + 1}/{args.epochs}  loss {np.mean(losses):.4f}", flush=True)
+    net.eval()
+    with torch.no_grad():
+        h = net(X)
+    return (F.normalize(h, dim=1) if args.l2norm else h).numpy().astype(np.float64)
+
+
+if __name__ == "__main__":
+    args = common.parse_args(Args)
+    with common.user_errors():
+        t_start = time.time()
+        common.resolve(args, {"pca": "PCA", "pca_raw": "PCA-raw (paper)", "csc": "contrastive-sc"}[args.baseline])
+        torch.set_num_threads(args.threads)
+        print(f"config {args}", flush=True)
+        common.seed_everything(args.seed)
+        X, y, k, cells, counts = common.load(args)
+        data = common.Data(X, y, [np.arange(len(X))], k, cells)
+        if args.baseline == "pca":
+            h = pca(X, args.n_components, args.seed)
+        elif args.baseline == "pca_raw":
+            counts = counts.toarray() if hasattr(counts, "toarray") else counts
+            h = pca(np.ceil(counts.astype(np.float64)), 2, args.seed)
+        else:
+            h = contrastive_sc(X, args)
+        common.finish(args, data, None, t_start, h=h)
