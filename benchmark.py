@@ -100,10 +100,32 @@ def resolved(script, argv):
     return common.resolve(args, names[script])
 
 
+def matching(df, args):
+    """Rows of df that ran with exactly these arguments (a column a row lacks must be at its
+    default; where the run's output went and its thread count do not matter)."""
+    keep = pd.Series(True, index=df.index)
+    defaults = {f.name: f.default for f in type(args).__dataclass_fields__.values()}
+    for k, v in vars(args).items():
+        if k in ("out", "threads"):
+            continue
+        if k not in df:
+            if v != defaults.get(k, v):
+                return df.iloc[:0]
+            continue
+        col = df[k]
+        if isinstance(v, bool):
+            keep &= col.astype(str) == str(v)
+        elif isinstance(v, (int, float)):
+            keep &= np.isclose(pd.to_numeric(col, errors="coerce"), v, rtol=1e-9, atol=0)
+        else:
+            keep &= col.fillna("").astype(str) == str(v)
+    return df[keep]
+
+
 def all_rows(results):
     frames = [pd.read_csv(os.path.join(results, f)) for f in sorted(os.listdir(results))
               if f.endswith(".csv")] if os.path.isdir(results) else []
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["config_id"])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def run_one(script, argv, log):
@@ -120,14 +142,17 @@ def run_one(script, argv, log):
 
 def execute(experiments, seeds, jobs, results, overrides):
     todo, seen, skipped = [], set(), 0
-    done = set(all_rows(results)["config_id"].astype(str))
+    df = all_rows(results)
     for exp in experiments:
         for label, script, argv, seed in plan(exp, seeds):
             argv = (argv + ["--seed", str(seed), "--threads", "1", "--out", os.path.join(results, f"{exp}.csv")]
                     + applicable(script, overrides))
-            cid = common.config_id(resolved(script, argv))
-            skipped += cid in done
-            if cid in done or cid in seen:
+            args = resolved(script, argv)
+            cid = common.config_id(args)
+            if len(matching(df, args)):
+                skipped += 1
+                continue
+            if cid in seen:
                 continue
             seen.add(cid)
             todo.append((exp, script, argv))
@@ -158,8 +183,7 @@ def execute(experiments, seeds, jobs, results, overrides):
 # ---------------------------------------------------------------------------------------------
 def rows_for(df, script, argv, seeds, overrides=()):
     argv = argv + applicable(script, list(overrides))
-    ids = [common.config_id(resolved(script, argv + ["--seed", str(s)])) for s in seeds]
-    return df[df["config_id"].astype(str).isin(ids)]
+    return pd.concat([matching(df, resolved(script, argv + ["--seed", str(s)])) for s in seeds])
 
 
 def cell(r, metric):
@@ -225,7 +249,7 @@ BUILDERS = {"table1": table1, "table2": table2, "table3": table3, "fig3": fig3_t
 
 def write_tables(experiments, seeds, results, overrides, note):
     df = all_rows(results)
-    if "config_id" not in df or df.empty:
+    if df.empty:
         print("no results yet", flush=True)
         return {}
     tables = {}

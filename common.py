@@ -195,7 +195,7 @@ def setup(args, method):
     if len(X) < args.clients:
         raise D.DataError(f"{len(X)} cells for {args.clients} clients; use fewer --clients")
     parts = D.partition(y, args.clients, args.partition, args.types_per_client,
-                        args.dirichlet_alpha, args.seed, args.shuffle_classes)
+                        args.dirichlet_alpha, args.seed, args.shuffle_classes, n_cells=len(X))
     for k, idx in enumerate(parts):
         types = "" if y is None else f"  types {sorted(set(y[idx].tolist()))}"
         print(f"client {k}: {len(idx)} cells{types}", flush=True)

@@ -170,13 +170,13 @@ def read_table(path, transpose=False):
 
 
 def read_labels(path):
-    """One label per line (optionally a header line); with several columns the last is used."""
-    import pandas as pd
+    """One label per line (optionally a header line); with several columns (comma or tab) the last is used."""
     try:
-        df = pd.read_csv(path, sep=None, engine="python", header=None)
-    except Exception as e:
-        raise DataError(f"cannot read labels file '{path}' ({type(e).__name__}: {e})") from None
-    return df.iloc[:, -1].to_numpy()
+        with open(path) as f:
+            lines = [l.rstrip("\r\n") for l in f if l.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read labels file '{path}' ({e})") from None
+    return np.array([l.replace("\t", ",").split(",")[-1].strip().strip('"') for l in lines])
 
 
 def read_counts(path, label_key=None, labels=None, transpose=False):
@@ -292,13 +292,13 @@ def equal_division(n_groups, idx, rng):
 
 
 def partition(y, n_clients, scheme="class", types_per_client=2, alpha=0.5, seed=0,
-              shuffle_classes=False, min_size=10):
+              shuffle_classes=False, min_size=10, n_cells=None):
     """Cell indices per client. 'class': EasyFL non_iid_class (c types per client, min-heap over
     (times used, class id)); classes never popped are not used for training (e.g. bladder c=1).
     'iid': shuffled equal split. 'dirichlet': per-class Dir(alpha) proportions, resampled until
-    every client holds min(min_size, N/K) cells."""
+    every client holds min(min_size, N/K) cells. Unlabelled data (y None) needs n_cells."""
     rng = np.random.RandomState(seed)
-    n = len(y) if y is not None else None
+    n = len(y) if y is not None else n_cells
     if scheme == "iid":
         parts = equal_division(n_clients, np.arange(n), rng)
     elif y is None:
@@ -363,7 +363,7 @@ def synthetic_counts(n_cells=400, n_genes=300, n_types=4, seed=0, dispersion=0.5
     base = rng.lognormal(-1.0, 1.0, n_genes)
     mu = np.tile(base, (n_types, 1))
     for t in range(n_types):
-        mu[t, rng.choice(n_genes, program_genes, replace=False)] *= 4.0
+        mu[t, rng.choice(n_genes, min(program_genes, n_genes), replace=False)] *= 4.0
     mean = mu[y] * rng.lognormal(0.0, 0.3, (n_cells, 1))
     if dispersion > 0:
         mean = rng.gamma(1.0 / dispersion, mean * dispersion)
