@@ -2,7 +2,7 @@
 
     python benchmark.py [EXPERIMENT ...] [--seeds 0 1 2] [--jobs N] [--quick] [--tables-only]
 
-Experiments: table1 (default), table2, table3, fig3. Each run is one subprocess of a method file
+Experiments: table1 (default), table2, table3, fig3, and improve (FedSC settings beyond the paper). Each run is one subprocess of a method file
 (one torch thread); its row lands in results/<experiment>.csv only when it finishes, so an
 interrupted benchmark resumes where it stopped: runs whose exact configuration already has a row
 in any results CSV are skipped. run_all.sh is the front door.
@@ -55,6 +55,8 @@ T1_CENTRAL = [("PCA-50 + KMeans (centralized)", "centralized.py", ["--baseline",
               ("PCA-raw (paper)", "centralized.py", ["--baseline", "pca_raw"]),
               ("contrastive-sc", "centralized.py", ["--baseline", "csc"]),
               ("SimCLR, one client (centralized)", "fedsimclr.py", ["--clients", "1", "--partition", "iid"])]
+IMPROVE = [("paper protocol", []), ("MLP predictor", ["--predictor", "mlp"]),
+           ("MLP predictor + mask rate 0.5", ["--predictor", "mlp", "--mask-rate", "0.5"])]
 T2_ROWS = [((1, 0, 0), ["--no-ema", "--no-sg"]), ((1, 1, 0), ["--no-sg"]), ((1, 0, 1), ["--no-ema"]),
            ((0, 1, 1), ["--no-predictor"]), ((1, 1, 1), [])]
 
@@ -77,8 +79,12 @@ def plan(experiment, seeds):
         for e in (5, 10, 25, 50, 100):
             runs += [(("local_epochs", e), "fedbyol.py", ["--data", "10X_PBMC", "--local-epochs", str(e)], s)
                      for s in seeds]
+    elif experiment == "improve":
+        for ds in DATASETS:
+            for label, extra in IMPROVE:
+                runs += [(label, "fedsc.py", ["--data", ds] + extra, s) for s in seeds]
     else:
-        raise SystemExit(f"unknown experiment '{experiment}': use table1, table2, table3 or fig3")
+        raise SystemExit(f"unknown experiment '{experiment}': use table1, table2, table3, fig3 or improve")
     return runs
 
 
@@ -244,7 +250,19 @@ def fig3_table(df, seeds, overrides):
     return "\n".join(out)
 
 
-BUILDERS = {"table1": table1, "table2": table2, "table3": table3, "fig3": fig3_table}
+def improve_table(df, seeds, overrides):
+    out = ["| FedSC setting | PBMC ARI | PBMC NMI | PBMC Sil | s/run | bladder ARI | bladder NMI | bladder Sil | s/run |",
+           "|" + "---|" * 9]
+    for label, extra in IMPROVE:
+        line = f"| {label} |"
+        for ds in DATASETS:
+            r = rows_for(df, "fedsc.py", ["--data", ds] + extra, seeds, overrides)
+            line += "".join(f" {cell(r, m)} |" for m in ("ari", "nmi", "sil")) + f" {secs(r)} |"
+        out.append(line)
+    return "\n".join(out)
+
+
+BUILDERS = {"table1": table1, "table2": table2, "table3": table3, "fig3": fig3_table, "improve": improve_table}
 
 
 def write_tables(experiments, seeds, results, overrides, note):
@@ -287,7 +305,8 @@ def update_readme(tables, note):
     titles = {"table1": "Table 1: federated methods and centralized references (mean ± std over seeds)",
               "table2": "Table 2: FedBYOL ablation on 10X PBMC",
               "table3": "Table 3: FedSC on mouse bladder, cell types per client",
-              "fig3": "Figure 3 sweep: FedBYOL on 10X PBMC, rounds and local epochs"}
+              "fig3": "Figure 3 sweep: FedBYOL on 10X PBMC, rounds and local epochs",
+              "improve": "Beyond the paper: FedSC with other settings (same protocol otherwise)"}
     body = "\n\n".join(f"**{titles[k]}**\n\n{v}" for k, v in tables.items())
     block = f"{start}\n<!-- written by benchmark.py from results/*.csv; do not edit by hand -->\n\n{body}\n\n{note}\n{end}"
     text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
@@ -309,14 +328,16 @@ def figures(results, tables, seeds, overrides):
     if "table1" in tables:  # grouped bars: ARI per method, PBMC and bladder
         fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=False)
         for ax, ds in zip(axes, DATASETS):
-            labels, means, stds = [], [], []
+            labels, means, stds, paper = [], [], [], []
             for label, script, extra in T1_METHODS + T1_CENTRAL:
                 r = rows_for(df, script, ["--data", ds] + extra, seeds, overrides)
                 if len(r):
                     labels.append(label.replace(" (centralized)", "*"))
                     means.append([r[m].mean() for m in ("ari", "nmi", "sil")])
                     stds.append([r[m].std(ddof=1) if len(r) > 1 else 0 for m in ("ari", "nmi", "sil")])
+                    paper.append(PAPER_T1[label][DATASETS.index(ds)][0] if label in PAPER_T1 else np.nan)
             x = np.arange(len(labels))
+            ax.scatter(x - 0.27, paper, marker="_", s=250, color="k", zorder=3, label="paper ARI")
             for j, m in enumerate(("ARI", "NMI", "Silhouette")):
                 ax.bar(x + (j - 1) * 0.27, [v[j] for v in means], 0.27, yerr=[v[j] for v in stds], label=m)
             ax.set_xticks(x, labels, rotation=40, ha="right", fontsize=8)
@@ -324,6 +345,22 @@ def figures(results, tables, seeds, overrides):
             ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(fig_dir, "table1.png"), dpi=120)
+        plt.close(fig)
+    if "fig3" in tables:  # Figure 3: metrics against rounds and against local epochs
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, (name, values) in zip(axes, [("rounds", (100, 200, 300, 400, 500)),
+                                              ("local_epochs", (5, 10, 25, 50, 100))]):
+            for m in ("ari", "nmi", "sil"):
+                pts = [(v, rows_for(df, "fedbyol.py", ["--data", "10X_PBMC", f"--{name.replace('_', '-')}", str(v)],
+                                    seeds, overrides)[m]) for v in values]
+                pts = [(v, r.mean(), r.std(ddof=1) if len(r) > 1 else 0) for v, r in pts if len(r)]
+                if pts:
+                    ax.errorbar(*zip(*pts), marker="o", capsize=3, label=m.upper())
+            ax.set_xlabel(name.replace("_", " "))
+            ax.legend(fontsize=8)
+        axes[0].set_title("FedBYOL, 10X PBMC")
+        fig.tight_layout()
+        fig.savefig(os.path.join(fig_dir, "fig3.png"), dpi=120)
         plt.close(fig)
     fedsc = df[(df["method"] == "FedSC") & (df["data"] == "10X_PBMC")] if "method" in df else df.iloc[:0]
     run_dir = next((os.path.join(results, "runs", r) for r in fedsc.get("run", [])
@@ -346,7 +383,7 @@ def figures(results, tables, seeds, overrides):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiments", nargs="*", default=["table1"], help="table1 table2 table3 fig3")
+    p.add_argument("experiments", nargs="*", default=["table1"], help="table1 table2 table3 fig3 improve")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each")
     p.add_argument("--quick", action="store_true",

@@ -3,8 +3,9 @@
   pca      PCA (50 components) of the preprocessed matrix + KMeans: a strong, honest baseline
   pca_raw  the paper's PCA row: PCA(2) of the raw ceil'd counts + KMeans (contrastive-sc's notebook)
   csc      contrastive-sc itself: Dropout(0.9) inside the encoder, NT-Xent (T 0.07), Adam lr 0.4,
-           batch 200, 30 epochs (SPEC 6, item 5)
+           batch 200, 30 epochs
 For centralized training of a federated method, run it with one client: --clients 1 --partition iid."""
+import json
 import time
 import typing
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ if __name__ == "__main__":
         t_start = time.time()
         common.resolve(args, {"pca": "PCA", "pca_raw": "PCA-raw (paper)", "csc": "contrastive-sc"}[args.baseline])
         torch.set_num_threads(args.threads)
-        print(f"config {args}", flush=True)
+        print(f"config {json.dumps(vars(args))}", flush=True)
         common.seed_everything(args.seed)
         X, y, k, cells, counts = common.load(args)
         data = common.Data(X, y, [np.arange(len(X))], k, cells)

@@ -5,10 +5,10 @@ upload and how they take the global model back. In reading order:
 
     FedArgs, parse_args   the common command-line arguments (one dataclass, argparse, no extras)
     setup                 threads, seeding, config print, data loading and the client partition
-    backbone, mask        the contrastive-sc encoder f (SPEC 3.1) and random masking (SPEC 2)
-    fedavg                the server's weighted average (SPEC 4.2)
-    federate              rounds x clients x local epochs, with the method's hooks (SPEC 10)
-    evaluate, finish      KMeans on the global encoder's embedding, metrics, results (SPEC 6)
+    backbone, mask        the contrastive-sc encoder f and random masking
+    fedavg                the server's weighted average
+    federate              rounds x clients x local epochs, with the method's hooks
+    evaluate, finish      KMeans on the global encoder's embedding, metrics, results
 """
 import ast
 import argparse
@@ -259,7 +259,7 @@ def fedavg(states, weights):
 
 
 # ---------------------------------------------------------------------------------------------
-# The federation loop (SPEC 10)
+# The federation loop
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Client:
@@ -348,7 +348,7 @@ def federate(args, data, model, upload, download, loss_fn, trainable, after_step
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation (SPEC 6) and results
+# Evaluation and results
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def embed(args, model, X):

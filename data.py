@@ -4,8 +4,8 @@ Everything here runs *before* federation starts and is method-independent:
 
     read_counts(path)     -> counts (cells x genes), labels or None     (HDF5 / .h5ad / CSV / TSV)
     resolve_data(name)    -> path of a benchmark file, downloaded and checksummed if missing
-    preprocess(X, n)      -> float32 matrix, as contrastive-sc / scDeepCluster do it  (SPEC 1.2)
-    partition(y, ...)     -> one index array per client                            (SPEC 7)
+    preprocess(X, n)      -> float32 matrix, as contrastive-sc / scDeepCluster do it
+    partition(y, ...)     -> one index array per client
     synthetic_counts(...) -> labelled toy counts for tests
 
 Every problem a user can cause (a missing file, negative counts, too many types per client...)
@@ -220,7 +220,7 @@ def check_counts(X, y, what="data"):
 
 
 # ---------------------------------------------------------------------------------------------
-# Preprocessing (SPEC 1.2): contrastive-sc's train.preprocess + utils.normalize, in numpy
+# Preprocessing: contrastive-sc's train.preprocess + utils.normalize, in numpy
 # ---------------------------------------------------------------------------------------------
 def hvg_seurat(X_log, n_top, n_bins=20):
     """scanpy highly_variable_genes(flavor='seurat', n_top_genes=n_top) on log1p data; returns a
@@ -281,7 +281,7 @@ def preprocess(X, n_genes):
 
 
 # ---------------------------------------------------------------------------------------------
-# Client partition (SPEC 7): EasyFL's non_iid_class heap algorithm, iid, dirichlet
+# Client partition: EasyFL's non_iid_class heap algorithm, iid, dirichlet
 # ---------------------------------------------------------------------------------------------
 def equal_division(n_groups, idx, rng):
     """Shuffle and split into near-equal contiguous parts; the last (n mod p) parts get one more."""

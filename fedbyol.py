@@ -17,7 +17,7 @@ import common
 
 @dataclass
 class Args(common.FedArgs):
-    """FedBYOL on scRNA-seq counts; defaults are the paper's protocol (SPEC 4, 5.5)."""
+    """FedBYOL on scRNA-seq counts; defaults are the paper's protocol (README: Protocol)."""
     # METHOD: BYOL local training
     tau: float = 0.99
     """EMA rate of the local target encoder, applied after every step (EasyFL 0.99)"""
@@ -32,7 +32,7 @@ class Args(common.FedArgs):
     """remove the EMA target: the target branch is the online encoder itself (tau = 0)"""
     no_sg: bool = False
     """remove the stop-gradient: the target branch gets gradients too; with the EMA target kept, its
-    parameters join the optimizer and also get the EMA blend after each step (SPEC A10)"""
+    parameters join the optimizer and also get the EMA blend after each step (README: deviation 9)"""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import common
 
 @dataclass
 class Args(common.FedArgs):
-    """FedMoCo on scRNA-seq counts; defaults are the paper's protocol (SPEC 4, 5.2, 5.3)."""
+    """FedMoCo on scRNA-seq counts; defaults are the paper's protocol (README: Protocol)."""
     # METHOD: MoCo local training
     version: typing.Literal[1, 2] = 1
     """1: linear head 60->128, T 0.07; 2: MLP head 60->60->128 (ReLU), T 0.2"""
@@ -26,7 +26,7 @@ class Args(common.FedArgs):
     m: float = 0.99
     """momentum of the key encoder, updated before each step's keys"""
     queue_size: int = 256
-    """negatives kept in each client's local queue (a multiple of the batch size; SPEC A9)"""
+    """negatives kept in each client's local queue (a multiple of the batch size; clients hold 120-2000 cells)"""
     symmetric: bool = True
     """symmetric loss (both view orders, both keys enqueued) as EasyFL; --no-symmetric for MoCo's own"""
 

@@ -16,7 +16,7 @@ import common
 
 @dataclass
 class Args(common.FedArgs):
-    """FedSC on scRNA-seq counts; defaults are the paper's protocol (SPEC 4, 5.6)."""
+    """FedSC on scRNA-seq counts; defaults are the paper's protocol (README: Protocol)."""
     # METHOD: BYOL local training
     tau: float = 0.99
     """EMA rate of the local target encoder, applied after every step (EasyFL 0.99)"""
@@ -28,7 +28,7 @@ class Args(common.FedArgs):
     alpha: float = 0.7
     """target of the auto-scaler: mu_k = alpha at a client's first EMA download"""
     mu_rule: typing.Literal["scaled", "literal"] = "scaled"
-    """scaled: mu = min(lambda_k * d, 1), lambda_k = alpha / d at the first EMA (FedEMA, SPEC 5.6);
+    """scaled: mu = min(lambda_k * d, 1), lambda_k = alpha / d at the first EMA (FedEMA);
     literal: the paper's Eq. 4, mu = min(alpha / d, 1)"""
 
 

@@ -14,7 +14,7 @@ import common
 
 @dataclass
 class Args(common.FedArgs):
-    """FedSimCLR on scRNA-seq counts; defaults are the paper's protocol (SPEC 4, 5.1)."""
+    """FedSimCLR on scRNA-seq counts; defaults are the paper's protocol (README: Protocol)."""
     # METHOD: SimCLR local training
     temperature: float = 0.07
     """NT-Xent temperature (EasyFL and contrastive-sc 0.07; SimCLR on CIFAR 0.5)"""

@@ -14,7 +14,7 @@ import common
 
 @dataclass
 class Args(common.FedArgs):
-    """FedSimSiam on scRNA-seq counts; defaults are the paper's protocol (SPEC 4, 5.4)."""
+    """FedSimSiam on scRNA-seq counts; defaults are the paper's protocol (README: Protocol)."""
     # METHOD: SimSiam local training
     predictor: typing.Literal["linear", "mlp"] = "linear"
     """predictor q: Linear(128,128) as the paper, or SimSiam's bottleneck Linear-BN-ReLU-Linear 128->32->128"""

@@ -1,6 +1,6 @@
 """Tests: every script end to end as a subprocess with tiny settings, and reference checks of the
 pieces that decide the results (FedAvg, FedSC's mu and merge, losses, partition, HVGs, masking).
-Run: python -m pytest -q test_smoke.py   (real-data tests read $FEDSC_DATA_DIR, default ../shared/data)"""
+Run: python -m pytest -q test_smoke.py   (real-data tests read $FEDSC_DATA_DIR, default ./data)"""
 import copy
 import importlib
 import json
@@ -19,7 +19,7 @@ import common
 import data as D
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-REAL = os.environ.get("FEDSC_DATA_DIR", os.path.join(ROOT, "..", "shared", "data"))
+REAL = os.environ.get("FEDSC_DATA_DIR", os.path.join(ROOT, "data"))
 BLADDER = os.path.join(REAL, "mouse_bladder_cell_top2000.h5")
 TINY = ["--rounds", "2", "--local-epochs", "1", "--batch-size", "64", "--n-genes", "100"]
 SCRIPTS = [("fedsc.py", []), ("fedbyol.py", []), ("fedsimclr.py", []), ("fedmoco.py", ["--version", "1"]),
