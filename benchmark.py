@@ -308,6 +308,9 @@ def update_readme(tables, note):
               "fig3": "Figure 3 sweep: FedBYOL on 10X PBMC, rounds and local epochs",
               "improve": "Beyond the paper: FedSC with other settings (same protocol otherwise)"}
     body = "\n\n".join(f"**{titles[k]}**\n\n{v}" for k, v in tables.items())
+    figs = [f for f in ("table1.png", "fig3.png", "fedsc_pbmc_map.png")
+            if os.path.exists(os.path.join(ROOT, "results", "figures", f))]
+    body += "".join(f"\n\n![{f[:-4]}](results/figures/{f})" for f in figs)
     block = f"{start}\n<!-- written by benchmark.py from results/*.csv; do not edit by hand -->\n\n{body}\n\n{note}\n{end}"
     text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
     open(path, "w").write(text)
@@ -399,9 +402,9 @@ def main():
     if not a.tables_only:
         failed = execute(a.experiments, a.seeds, a.jobs, results, overrides)
     tables = write_tables(a.experiments, a.seeds, results, overrides, provenance(results, a.experiments))
+    figures(results, tables, a.seeds, overrides)
     if tables and not a.quick and results == os.path.join(ROOT, "results"):
         update_readme(tables, provenance(results, a.experiments))
-    figures(results, tables, a.seeds, overrides)
     sys.exit(1 if failed else 0)
 
 

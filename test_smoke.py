@@ -91,6 +91,17 @@ def test_same_seed_same_metrics_other_seed_differs(synth, tmp_path):
     assert r.loc[0, "config_id"] == r.loc[1, "config_id"] != r.loc[2, "config_id"]
 
 
+def test_eval_every_does_not_change_the_run(synth, tmp_path):
+    """Evaluating the global model during training must not touch the clients or the RNG."""
+    out = str(tmp_path / "r.csv")
+    for extra in ([], ["--eval-every", "1"]):
+        p = run(["fedsc.py", "--data", synth, "--clients", "2", "--rounds", "3", "--out", out] + TINY[2:] + extra)
+        assert p.returncode == 0, p.stderr
+    assert "ARI" in p.stdout.split("round 1/3")[1].splitlines()[0]
+    r = rows(out)
+    assert r.loc[0, ["ari", "nmi", "sil", "ch"]].tolist() == r.loc[1, ["ari", "nmi", "sil", "ch"]].tolist()
+
+
 def test_unlabelled_data_reports_label_free_metrics(tmp_path):
     X, _ = D.synthetic_counts(n_cells=200, n_genes=150, seed=1)
     path = tmp_path / "counts.csv"
