@@ -404,7 +404,12 @@ def main():
     tables = write_tables(a.experiments, a.seeds, results, overrides, provenance(results, a.experiments))
     figures(results, tables, a.seeds, overrides)
     if tables and not a.quick and results == os.path.join(ROOT, "results"):
-        update_readme(tables, provenance(results, a.experiments))
+        # the README shows every experiment that has results, not only the ones just run
+        df = all_rows(results)
+        shown = {exp: BUILDERS[exp](df, a.seeds, overrides) for exp in BUILDERS
+                 if any(len(matching(df, resolved(script, argv + ["--seed", str(s)])))
+                        for _, script, argv, s in plan(exp, a.seeds))}
+        update_readme(shown, provenance(results, a.experiments))
     sys.exit(1 if failed else 0)
 
 
