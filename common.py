@@ -339,7 +339,8 @@ def federate(args, data, model, upload, download, loss_fn, trainable, after_step
         if args.eval_every and (rnd + 1) % args.eval_every == 0 and rnd + 1 < args.rounds:
             for key in upload:
                 model[key].load_state_dict(global_state[key])
-            line += f"  ARI {evaluate(args, data, model)['ari']:.2f}"
+            m = evaluate(args, data, model)
+            line += f"  ARI {m['ari']:.2f}" if "ari" in m else f"  sil {m['sil']:.2f}"
         print(line, flush=True)
     for key in upload:
         model[key].load_state_dict(global_state[key])
@@ -369,6 +370,8 @@ def cluster_metrics(h, y, n_clusters, seed, threads=1):
     from sklearn.cluster import KMeans
     from sklearn import metrics as M
     from threadpoolctl import threadpool_limits
+    if not np.isfinite(h).all():
+        raise D.DataError("the embedding holds NaN or inf values: training diverged; try a smaller --lr")
     with threadpool_limits(threads):
         pred = KMeans(n_clusters=n_clusters, init="k-means++", n_init=10, random_state=seed).fit_predict(h)
     out = {}
@@ -380,6 +383,7 @@ def cluster_metrics(h, y, n_clusters, seed, threads=1):
         out["sil"] = 100 * M.silhouette_score(h, pred, sample_size=sample, random_state=seed)
         out["ch"] = M.calinski_harabasz_score(h, pred)
     else:
+        print("warning: every cell got the same cluster: the embedding has collapsed", flush=True)
         out["sil"] = out["ch"] = float("nan")
     return out, pred
 
