@@ -59,7 +59,7 @@ class FedArgs:
     lr: float = 0.032
     """base learning rate of local SGD"""
     threads: int = 1
-    """torch (and KMeans) threads; one is fastest for this small MLP on 2 cores"""
+    """torch (and KMeans) threads; a second thread barely speeds up this small MLP (results/speed.md), so one run per core is the better use of 2 cores"""
     out: str = "results/runs.csv"
     """CSV file that gets one row per finished run; embedding and clusters go to <its folder>/runs/<run name>/"""
     momentum: float = 0.5
