@@ -10,7 +10,6 @@ in any results CSV are skipped. run_all.sh is the front door.
 import argparse
 import concurrent.futures as cf
 import importlib
-import json
 import os
 import platform
 import re

@@ -4,6 +4,7 @@ uploads its online encoder and predictor, and replaces both with the FedAvg'd gl
 target encoder stays on the client. Flags remove the predictor, the EMA or the stop-gradient
 (the paper's Table 2 ablation)."""
 import copy
+import math
 import time
 import typing
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ def after_step(model, client, step, args):
     if args.tau_schedule == "cosine":  # BYOL: tau_k = 1 - (1 - tau) (cos(pi k / K) + 1) / 2
         k = client.state["steps"] = client.state.get("steps", 0) + 1
         total = args.rounds * args.local_epochs * max(1, client.n // args.batch_size)
-        tau = 1 - (1 - args.tau) * (torch.cos(torch.tensor(torch.pi * min(k / total, 1.0))).item() + 1) / 2
+        tau = 1 - (1 - args.tau) * (math.cos(math.pi * min(k / total, 1.0)) + 1) / 2
     ema_(model["target"], model["online"], tau)
 
 

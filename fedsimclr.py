@@ -2,7 +2,6 @@
 """FedSimCLR: each client trains SimCLR locally (encoder g(f(x)), NT-Xent over 2B views with 2B-2
 negatives per anchor), uploads its encoder and replaces it with the FedAvg'd global one."""
 import time
-import typing
 from dataclasses import dataclass
 
 import torch

@@ -5,7 +5,6 @@ import time
 import typing
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
