@@ -1,15 +1,19 @@
-"""Runs the paper's experiments and builds the tables, figures and README results from the CSVs.
+"""Runs the experiments and builds the tables, figures and README results from their CSVs.
 
     python benchmark.py [EXPERIMENT ...] [--seeds 0 1 2] [--jobs N] [--quick] [--tables-only]
 
-Experiments: table1 (default), table2, table3, fig3, and improve (FedSC settings beyond the paper). Each run is one subprocess of a method file
-(one torch thread); its row lands in results/<experiment>.csv only when it finishes, so an
-interrupted benchmark resumes where it stopped: runs whose exact configuration already has a row
-in any results CSV are skipped. run_all.sh is the front door.
+Experiments: tune (the tuning grid on 10X PBMC; writes recipes.json), mu (FedSC's download rules),
+table1 (every method, paper and tuned recipes, three datasets), table2, table3, fig3. Each run is
+one subprocess of a method file (one torch thread); its row lands in results/<experiment>.csv only
+when it finishes. A row is reused (the run skipped) only when every argument, the data file's
+sha256 and the hash of the code that produced it (the script and the modules it imports) match,
+so an edited method file re-runs its own rows and an interrupted benchmark resumes where it
+stopped. Tables are built only from these experiment CSVs (never from ad-hoc runs), and the
+README only when every row has its full seed set. run_all.sh is the front door.
 """
 import argparse
-import concurrent.futures as cf
 import importlib
+import json
 import os
 import platform
 import re
@@ -24,9 +28,10 @@ import common
 import data as D
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DATASETS = ["10X_PBMC", "mouse_bladder"]
+DATASETS = ["10X_PBMC", "mouse_bladder", "baron_mouse_pancreas"]
+SHORT = {"10X_PBMC": "PBMC", "mouse_bladder": "bladder", "baron_mouse_pancreas": "Baron"}
 
-# The paper's numbers (ARI, NMI, silhouette in %), quoted beside ours in every table.
+# The paper's numbers (ARI, NMI, silhouette in %), quoted beside ours.
 PAPER_T1 = {
     "FedSimCLR": ((51.51, 66.30, 31.25), (25.07, 50.85, 26.31)),
     "FedMoCoV1": ((51.58, 62.62, 52.22), (27.62, 51.68, 26.53)),
@@ -43,29 +48,50 @@ PAPER_T2 = {  # (predictor, EMA, stop-gradient) -> FedBYOL on PBMC
 PAPER_T3 = {1: (19.57, 32.73, 14.09), 2: (30.43, 54.01, 26.18), 4: (34.35, 57.84, 29.58),
             8: (39.83, 62.45, 36.05)}
 
-
 # ---------------------------------------------------------------------------------------------
-# What to run: (experiment, row label, script, arguments)
+# What to run: (row label, script, arguments, seed)
 # ---------------------------------------------------------------------------------------------
-T1_METHODS = [("FedSimCLR", "fedsimclr.py", []), ("FedMoCoV1", "fedmoco.py", ["--version", "1"]),
-              ("FedMoCoV2", "fedmoco.py", ["--version", "2"]), ("FedSimSiam", "fedsimsiam.py", []),
-              ("FedBYOL", "fedbyol.py", []), ("FedSC", "fedsc.py", [])]
-T1_CENTRAL = [("PCA-50 + KMeans (centralized)", "centralized.py", ["--baseline", "pca"]),
-              ("PCA-raw (paper)", "centralized.py", ["--baseline", "pca_raw"]),
-              ("contrastive-sc", "centralized.py", ["--baseline", "csc"]),
-              ("SimCLR, one client (centralized)", "fedsimclr.py", ["--clients", "1", "--partition", "iid"])]
-IMPROVE_DATASETS = ["10X_PBMC"]  # add "mouse_bladder" for the second benchmark
-IMPROVE = [("paper protocol (linear predictor)", []), ("MLP predictor 128-512-128", ["--predictor", "mlp"])]
+FED = [("FedSimCLR", "fedsimclr.py", []), ("FedMoCoV1", "fedmoco.py", ["--version", "1"]),
+       ("FedMoCoV2", "fedmoco.py", ["--version", "2"]), ("FedSimSiam", "fedsimsiam.py", []),
+       ("FedBYOL", "fedbyol.py", []), ("FedSC", "fedsc.py", [])]
+CENTRAL = [("PCA-50 + KMeans (centralized)", "centralized.py", ["--baseline", "pca"]),
+           ("PCA-raw (paper)", "centralized.py", ["--baseline", "pca_raw"]),
+           ("contrastive-sc", "centralized.py", ["--baseline", "csc"]),
+           ("SimCLR, one client (centralized)", "fedsimclr.py", ["--clients", "1", "--partition", "iid"])]
+RECIPES = ("paper", "tuned")
+# The tuning grid: the same for every method, on 10X PBMC only; the best mean ARI wins.
+TUNE_DATA = "10X_PBMC"
+TUNE_LRS = (0.032, 0.1, 0.3, 1.0)
+TUNE_SCHEDULES = ((300, 5), (100, 5))  # (rounds, local epochs)
+TUNE_SEEDS = (0,)
+MU_RULES = ("scaled", "literal")
+MU_LRS = (0.032, 0.3)
 T2_ROWS = [((1, 0, 0), ["--no-ema", "--no-sg"]), ((1, 1, 0), ["--no-sg"]), ((1, 0, 1), ["--no-ema"]),
            ((0, 1, 1), ["--no-predictor"]), ((1, 1, 1), [])]
+EXPERIMENTS = ("tune", "mu", "table1", "table2", "table3", "fig3")
 
 
 def plan(experiment, seeds):
     runs = []
-    if experiment == "table1":
+    if experiment == "tune":
+        for label, script, extra in FED:
+            for lr in TUNE_LRS:
+                for r, e in TUNE_SCHEDULES:
+                    grid = ["--lr", str(lr), "--rounds", str(r), "--local-epochs", str(e)]
+                    runs += [((label, lr, r, e), script, ["--data", TUNE_DATA] + extra + grid, s) for s in TUNE_SEEDS]
+    elif experiment == "mu":
+        for lr in MU_LRS:
+            for rule in MU_RULES:
+                runs += [((rule, lr), "fedsc.py", ["--data", TUNE_DATA, "--lr", str(lr), "--mu-rule", rule], s)
+                         for s in seeds[:1]]
+            runs += [(("FedBYOL (mu = 0)", lr), "fedbyol.py", ["--data", TUNE_DATA, "--lr", str(lr)], s) for s in seeds[:1]]
+    elif experiment == "table1":
         for ds in DATASETS:
-            for label, script, extra in T1_METHODS + T1_CENTRAL:
-                runs += [(label, script, ["--data", ds] + extra, s) for s in seeds]
+            for label, script, extra in FED:
+                for recipe in RECIPES:
+                    runs += [((label, recipe, ds), script, ["--data", ds, "--recipe", recipe] + extra, s) for s in seeds]
+            for label, script, extra in CENTRAL:
+                runs += [((label, "", ds), script, ["--data", ds] + extra, s) for s in seeds]
     elif experiment == "table2":
         for flags, extra in T2_ROWS:
             runs += [(flags, "fedbyol.py", ["--data", "10X_PBMC"] + extra, s) for s in seeds]
@@ -78,12 +104,8 @@ def plan(experiment, seeds):
         for e in (5, 10, 25, 50, 100):
             runs += [(("local_epochs", e), "fedbyol.py", ["--data", "10X_PBMC", "--local-epochs", str(e)], s)
                      for s in seeds]
-    elif experiment == "improve":
-        for ds in IMPROVE_DATASETS:
-            for label, extra in IMPROVE:
-                runs += [(label, "fedsc.py", ["--data", ds] + extra, s) for s in seeds]
     else:
-        raise SystemExit(f"unknown experiment '{experiment}': use table1, table2, table3, fig3 or improve")
+        raise SystemExit(f"unknown experiment '{experiment}': use {', '.join(EXPERIMENTS)}")
     return runs
 
 
@@ -95,28 +117,21 @@ def applicable(script, overrides):
 
 
 def resolved(script, argv):
-    """The method file's own argument parsing, so the config id matches the row it will write."""
+    """The method file's own argument parsing and resolution, so the match is on what the run
+    would record: every argument, the data file's sha256 and the code hash."""
     mod = importlib.import_module(script[:-3])
-    args = common.parse_args(mod.Args, argv)
-    names = {"fedsimclr.py": "FedSimCLR", "fedsimsiam.py": "FedSimSiam", "fedbyol.py": "FedBYOL",
-             "fedsc.py": "FedSC", "fedmoco.py": f"FedMoCoV{getattr(args, 'version', 1)}"}
-    if script == "centralized.py":
-        names[script] = {"pca": "PCA", "pca_raw": "PCA-raw (paper)", "csc": "contrastive-sc"}[args.baseline]
-    return common.resolve(args, names[script])
+    return common.resolve(common.parse_args(mod.Args, argv), os.path.join(ROOT, script))
 
 
 def matching(df, args):
-    """Rows of df that ran with exactly these arguments (a column a row lacks must be at its
-    default; where the run's output went and its thread count do not matter)."""
+    """Rows of df from a run with exactly these arguments, data and code (where its output went
+    and its thread count do not matter)."""
     keep = pd.Series(True, index=df.index)
-    defaults = {f.name: f.default for f in type(args).__dataclass_fields__.values()}
     for k, v in vars(args).items():
         if k in ("out", "threads"):
             continue
         if k not in df:
-            if v != defaults.get(k, v):
-                return df.iloc[:0]
-            continue
+            return df.iloc[:0]
         col = df[k]
         if isinstance(v, bool):
             keep &= col.astype(str) == str(v)
@@ -127,75 +142,114 @@ def matching(df, args):
     return df[keep]
 
 
-def all_rows(results):
-    frames = [pd.read_csv(os.path.join(results, f)) for f in sorted(os.listdir(results))
-              if f.endswith(".csv")] if os.path.isdir(results) else []
+def all_rows(results, experiments=EXPERIMENTS):
+    """Rows of the experiment CSVs that benchmark.py writes (never runs.csv or other ad-hoc files)."""
+    frames = [pd.read_csv(os.path.join(results, f"{e}.csv")) for e in experiments
+              if os.path.exists(os.path.join(results, f"{e}.csv"))]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def run_one(script, argv, log):
-    t0 = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    with open(log, "w") as f:
-        rc = subprocess.call([sys.executable, os.path.join(ROOT, script)] + argv, stdout=f,
-                             stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    tail = open(log).read().strip().splitlines()[-3:]
-    final = next((l for l in tail if l.startswith("final")), "")
-    ari = re.search(r"ari ([-\d.]+)", final)
-    return rc, time.time() - t0, ari.group(1) if ari else "-"
+def full_argv(exp, script, argv, seed, results, overrides):
+    return (argv + ["--seed", str(seed), "--threads", "1", "--out", os.path.join(results, f"{exp}.csv")]
+            + applicable(script, overrides))
 
 
 def execute(experiments, seeds, jobs, results, overrides):
-    todo, seen, skipped = [], set(), 0
-    df = all_rows(results)
+    """Run what has no row yet, jobs at a time. Ctrl-C stops the runs under way and says what
+    finished; their rows are not written (a row is the last thing a run writes)."""
+    failed = 0
     for exp in experiments:
+        df, todo, seen, skipped = all_rows(results), [], set(), 0
         for label, script, argv, seed in plan(exp, seeds):
-            argv = (argv + ["--seed", str(seed), "--threads", "1", "--out", os.path.join(results, f"{exp}.csv")]
-                    + applicable(script, overrides))
-            args = resolved(script, argv)
+            full = full_argv(exp, script, argv, seed, results, overrides)
+            args = resolved(script, full)
             cid = common.config_id(args)
             if len(matching(df, args)):
                 skipped += 1
-                continue
-            if cid in seen:
-                continue
-            seen.add(cid)
-            todo.append((exp, script, argv))
-    print(f"{len(todo)} runs to do, {skipped} already have a row in {results}; {jobs} at a time", flush=True)
-    os.makedirs(os.path.join(results, "logs"), exist_ok=True)
-    t0, finished, failed = time.time(), 0, 0
-    with cf.ThreadPoolExecutor(jobs) as pool:
-        futures = {}
-        for i, (exp, script, argv) in enumerate(todo):
-            log = os.path.join(results, "logs", f"{exp}_{i:03d}_{script[:-3]}.log")
-            futures[pool.submit(run_one, script, argv, log)] = (exp, script, argv, log)
-        for fut in cf.as_completed(futures):
-            exp, script, argv, log = futures[fut]
-            rc, secs, ari = fut.result()
-            finished += 1
-            failed += rc != 0
-            left = (time.time() - t0) / finished * (len(todo) - finished)
-            what = " ".join(a for a in argv[:argv.index("--threads")])
-            status = f"ARI {ari}" if rc == 0 else f"FAILED (exit {rc}, see {log})"
-            print(f"[{finished}/{len(todo)}] {exp} {script} {what}: {secs:.0f}s {status}  "
-                  f"(~{left / 60:.0f} min left)", flush=True)
-    print(f"{finished} runs in {(time.time() - t0) / 60:.1f} min, {failed} failed", flush=True)
+            elif cid not in seen:
+                seen.add(cid)
+                todo.append((label, script, full, seed, cid))
+        print(f"{exp}: {len(todo)} runs to do, {skipped} already have a row; {jobs} at a time", flush=True)
+        failed += run_all(exp, todo, jobs, results)
+        if exp == "tune" and not overrides:
+            write_recipes(all_rows(results, ["tune"]), seeds)
+    return failed
+
+
+def run_all(exp, todo, jobs, results):
+    logs = os.path.join(results, "logs", exp)
+    os.makedirs(logs, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    t0, running, done, failed, queue = time.time(), [], [], 0, list(todo)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                label, script, argv, seed, cid = queue.pop(0)
+                name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{script[:-3]}__s{seed}__{cid}__{time.strftime('%Y%m%d-%H%M%S')}")
+                log = os.path.join(logs, f"{name}.log")  # a resumed run never overwrites a log
+                f = open(log, "w")
+                proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script)] + argv, stdout=f,
+                                        stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                running.append((proc, f, label, script, argv, log, time.time()))
+            time.sleep(0.2)
+            for item in [r for r in running if r[0].poll() is not None]:
+                running.remove(item)
+                proc, f, label, script, argv, log, t_run = item
+                f.close()
+                done.append(label)
+                ok = proc.returncode in (0, 3)  # 3: training diverged, the row says so
+                failed += not ok
+                tail = open(log).read().strip().splitlines()[-3:]
+                ari = next((m.group(1) for l in tail for m in [re.search(r"final .*ari ([-\d.]+)", l)] if m), "-")
+                status = (f"ARI {ari}" if proc.returncode == 0 else "diverged" if ok
+                          else f"FAILED (exit {proc.returncode}, see {log})")
+                left = (time.time() - t0) / len(done) * (len(todo) - len(done)) / 60
+                what = " ".join(argv[:argv.index("--threads")])
+                print(f"[{len(done)}/{len(todo)}] {exp} {script} {what}: {time.time() - t_run:.0f}s {status}  "
+                      f"(~{left:.0f} min left)", flush=True)
+    except KeyboardInterrupt:
+        for proc, f, *_ in running:
+            proc.terminate()
+        for proc, f, *_ in running:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            f.close()
+        print(f"\ninterrupted: {len(done)} of {len(todo)} {exp} runs finished and have their rows; "
+              f"{len(running)} stopped, {len(queue)} not started. Run the same command again to resume.",
+              flush=True)
+        sys.exit(130)
+    print(f"{exp}: {len(done)} runs in {(time.time() - t0) / 60:.1f} min, {failed} failed", flush=True)
     return failed
 
 
 # ---------------------------------------------------------------------------------------------
-# Tables: mean ± std over seeds, built only from the results CSVs
+# Tables: mean ± std over seeds, built only from the experiment CSVs
 # ---------------------------------------------------------------------------------------------
-def rows_for(df, script, argv, seeds, overrides=()):
-    argv = argv + applicable(script, list(overrides))
-    return pd.concat([matching(df, resolved(script, argv + ["--seed", str(s)])) for s in seeds])
+class Missing(list):
+    """What a table lacks: (row description, seeds without a row)."""
+
+
+def rows_for(df, script, argv, seeds, overrides, missing):
+    out = []
+    for s in seeds:
+        r = matching(df, resolved(script, argv + ["--seed", str(s)] + applicable(script, list(overrides))))
+        if len(r):
+            out.append(r.iloc[[-1]])
+        else:
+            missing.append((f"{script} {' '.join(argv)}", s))
+    return pd.concat(out) if out else pd.DataFrame()
 
 
 def cell(r, metric):
-    v = r[metric].to_numpy(dtype=float)
-    if len(v) == 0:
+    if len(r) == 0 or metric not in r:
         return "–"
-    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
+    if "status" in r and (r["status"] == "diverged").all():
+        return "diverged"
+    v = r[metric].to_numpy(dtype=float)
+    s = f"{np.nanmean(v):.2f} ± {np.nanstd(v, ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+    return s + (" (collapsed)" if "collapsed" in r and r["collapsed"].astype(str).eq("True").any() else "")
 
 
 def fmt(nums):
@@ -206,212 +260,253 @@ def secs(r):
     return f"{r['seconds'].mean():.0f}" if len(r) else "–"
 
 
-def table1(df, seeds, overrides):
-    out = ["| method | PBMC ARI | PBMC NMI | PBMC Sil | paper PBMC ARI / NMI / Sil | s/run | "
-           "bladder ARI | bladder NMI | bladder Sil | paper bladder ARI / NMI / Sil | s/run |",
-           "|---|" + "---|" * 10]
-    for label, script, extra in T1_METHODS + T1_CENTRAL:
-        line = f"| {label} |"
+def recipe_text(script, argv):
+    a = resolved(script, argv + ["--seed", "0"])
+    return f"lr {a.lr:g}, {a.rounds} x {a.local_epochs}"
+
+
+def table1(df, seeds, overrides, missing):
+    head = "| method | recipe |"
+    for i, ds in enumerate(DATASETS):
+        head += f" {SHORT[ds]} ARI | NMI | Sil |" + (" paper ARI / NMI / Sil |" if i < 2 else "")
+    out = [head + " s/run |", "|" + "---|" * head.count("|")]
+    rows = [(l, s, e, rc) for l, s, e in FED for rc in RECIPES] + [(l, s, e, None) for l, s, e in CENTRAL]
+    for label, script, extra, recipe in rows:
+        extra = extra + (["--recipe", recipe] if recipe else [])
+        line = f"| {label} | {f'{recipe}: ' + recipe_text(script, ['--data', DATASETS[0]] + extra) if recipe else '–'} |"
+        t = []
         for i, ds in enumerate(DATASETS):
-            r = rows_for(df, script, ["--data", ds] + extra, seeds, overrides)
-            paper = PAPER_T1.get(label)
+            r = rows_for(df, script, ["--data", ds] + extra, seeds, overrides, missing)
             line += "".join(f" {cell(r, m)} |" for m in ("ari", "nmi", "sil"))
-            line += f" {fmt(paper[i]) if paper else '–'} | {secs(r)} |"
-        out.append(line)
+            if i < 2:
+                paper = PAPER_T1.get(label) if recipe != "tuned" else None
+                line += f" {fmt(paper[i]) if paper else '–'} |"
+            t.append(secs(r))
+        out.append(line + f" {' / '.join(t)} |")
     return "\n".join(out)
 
 
-def table2(df, seeds, overrides):
+def tune_table(df, seeds, overrides, missing):
+    configs = [(lr, r, e) for lr in TUNE_LRS for r, e in TUNE_SCHEDULES]
+    out = ["| method |" + "".join(f" lr {lr:g}, {r} x {e} |" for lr, r, e in configs) + " chosen |",
+           "|" + "---|" * (len(configs) + 2)]
+    for label, script, extra in FED:
+        vals = []
+        for lr, r, e in configs:
+            argv = ["--data", TUNE_DATA] + extra + ["--lr", str(lr), "--rounds", str(r), "--local-epochs", str(e)]
+            rr = rows_for(df, script, argv, TUNE_SEEDS, overrides, missing)
+            vals.append((rr["ari"].mean() if len(rr) and "ari" in rr and rr["ari"].notna().any() else -np.inf, cell(rr, "ari")))
+        best = int(np.argmax([v for v, _ in vals]))
+        out.append(f"| {label} |" + "".join(f" **{c}** |" if i == best else f" {c} |" for i, (_, c) in enumerate(vals))
+                   + f" lr {configs[best][0]:g}, {configs[best][1]} x {configs[best][2]} |")
+    return "\n".join(out)
+
+
+def write_recipes(df, seeds):
+    """recipes.json: for each method, the grid point with the best mean ARI on 10X PBMC."""
+    recipes, missing = {}, Missing()
+    for label, script, extra in FED:
+        best = None
+        for lr in TUNE_LRS:
+            for r, e in TUNE_SCHEDULES:
+                argv = ["--data", TUNE_DATA] + extra + ["--lr", str(lr), "--rounds", str(r), "--local-epochs", str(e)]
+                rr = rows_for(df, script, argv, TUNE_SEEDS, [], missing)
+                score = rr["ari"].mean() if len(rr) and "ari" in rr and rr["ari"].notna().any() else -np.inf
+                if best is None or score > best[0]:
+                    best = (score, dict(lr=lr, rounds=r, local_epochs=e))
+        recipes[label] = best[1]
+    if missing:
+        print(f"tune is incomplete ({len(missing)} runs missing): recipes.json not written", flush=True)
+        return
+    doc = {"rule": f"for each method, the (lr, rounds, local epochs) of the grid with the best mean ARI on "
+                   f"{TUNE_DATA} over seeds {list(TUNE_SEEDS)}; every other setting is the paper's",
+           "grid": {"lr": list(TUNE_LRS), "rounds x local_epochs": [list(x) for x in TUNE_SCHEDULES]},
+           "recipes": recipes}
+    common._write_atomic(common.RECIPES, lambda tmp: json.dump(doc, open(tmp, "w"), indent=1))
+    print(f"wrote {common.RECIPES}: {recipes}", flush=True)
+
+
+def mu_table(df, seeds, overrides, missing, results):
+    out = ["| download rule | lr | ARI | NMI | Sil | mean mu, round 2 | round R/10 | round R/2 | last round | "
+           "client-rounds with mu = 1 | with mu < 0.05 |", "|" + "---|" * 11]
+    for label, script, argv, s in plan("mu", seeds):
+        r = rows_for(df, script, argv, [s], overrides, missing)
+        traj = "| – | – | – | – | – | – |"
+        if len(r) and script == "fedsc.py":
+            path = os.path.join(results, "runs", str(r["run"].iloc[-1]), "rounds.csv")
+            if os.path.exists(path):
+                log = pd.read_csv(path)
+                mu = log.groupby("round")["mu"].mean()
+                R = int(log["round"].max())
+                at = [mu.get(x, np.nan) for x in (2, max(2, R // 10), R // 2, R)]
+                traj = ("| " + " | ".join(f"{v:.3f}" for v in at) + f" | {100 * (log['mu'] >= 1).mean():.0f}% |"
+                        f" {100 * (log['mu'] < 0.05).mean():.0f}% |")
+        out.append(f"| {label[0]} | {label[1]:g} |" + "".join(f" {cell(r, m)} |" for m in ("ari", "nmi", "sil")) + traj[1:])
+    return "\n".join(out)
+
+
+def table2(df, seeds, overrides, missing):
     mark = {1: "✓", 0: "✗"}
     out = ["| predictor | EMA | stop-grad | ARI | NMI | Sil | paper ARI / NMI / Sil | s/run |", "|" + "---|" * 8]
     for flags, extra in T2_ROWS:
-        r = rows_for(df, "fedbyol.py", ["--data", "10X_PBMC"] + extra, seeds, overrides)
+        r = rows_for(df, "fedbyol.py", ["--data", "10X_PBMC"] + extra, seeds, overrides, missing)
         out.append(f"| {' | '.join(mark[f] for f in flags)} |" + "".join(f" {cell(r, m)} |" for m in ("ari", "nmi", "sil"))
                    + f" {fmt(PAPER_T2[flags])} | {secs(r)} |")
     return "\n".join(out)
 
 
-def table3(df, seeds, overrides):
+def table3(df, seeds, overrides, missing):
     out = ["| types per client | ARI | NMI | Sil | paper ARI / NMI / Sil | s/run |", "|" + "---|" * 6]
     for c in (1, 2, 4, 8):
-        r = rows_for(df, "fedsc.py", ["--data", "mouse_bladder", "--types-per-client", str(c)], seeds, overrides)
+        r = rows_for(df, "fedsc.py", ["--data", "mouse_bladder", "--types-per-client", str(c)], seeds, overrides, missing)
         out.append(f"| {c} |" + "".join(f" {cell(r, m)} |" for m in ("ari", "nmi", "sil"))
                    + f" {fmt(PAPER_T3[c])} | {secs(r)} |")
     return "\n".join(out)
 
 
-def fig3_table(df, seeds, overrides):
+def fig3_table(df, seeds, overrides, missing):
     out = ["| setting | ARI | NMI | Sil | s/run |", "|" + "---|" * 5]
     for label, script, argv, s in plan("fig3", seeds[:1]):
-        r = rows_for(df, script, argv, seeds, overrides)
+        r = rows_for(df, script, argv, seeds, overrides, missing)
         out.append(f"| {label[0]} = {label[1]} |" + "".join(f" {cell(r, m)} |" for m in ("ari", "nmi", "sil"))
                    + f" {secs(r)} |")
     return "\n".join(out)
 
 
-def improve_table(df, seeds, overrides):
-    out = ["| FedSC setting |" + "".join(f" {ds} ARI | {ds} NMI | {ds} Sil | s/run |" for ds in IMPROVE_DATASETS),
-           "|" + "---|" * (1 + 4 * len(IMPROVE_DATASETS))]
-    for label, extra in IMPROVE:
-        line = f"| {label} |"
-        for ds in IMPROVE_DATASETS:
-            r = rows_for(df, "fedsc.py", ["--data", ds] + extra, seeds, overrides)
-            line += "".join(f" {cell(r, m)} |" for m in ("ari", "nmi", "sil")) + f" {secs(r)} |"
-        out.append(line)
-    return "\n".join(out)
+TITLES = {"tune": "Tuning grid: ARI on 10X PBMC (seed 0); the best per method (bold) is its tuned recipe",
+          "mu": "FedSC's download rule: ARI and mu over the rounds (10X PBMC, seed 0)",
+          "table1": "Table 1: every method with the paper's and the tuned recipe, and centralized references "
+                    "(mean ± std over seeds)",
+          "table2": "Table 2: FedBYOL ablation on 10X PBMC (paper recipe)",
+          "table3": "Table 3: FedSC on mouse bladder, cell types per client (paper recipe)",
+          "fig3": "Figure 3 sweep: FedBYOL on 10X PBMC, rounds and local epochs"}
 
 
-BUILDERS = {"table1": table1, "table2": table2, "table3": table3, "fig3": fig3_table, "improve": improve_table}
+def build(exp, df, seeds, overrides, results):
+    missing = Missing()
+    if exp == "mu":
+        md = mu_table(df, seeds, overrides, missing, results)
+    else:
+        md = {"tune": tune_table, "table1": table1, "table2": table2, "table3": table3,
+              "fig3": fig3_table}[exp](df, seeds, overrides, missing)
+    return md, missing
 
 
-def write_tables(experiments, seeds, results, overrides, note):
-    df = all_rows(results)
-    if df.empty:
-        print("no results yet", flush=True)
-        return {}
-    tables = {}
-    for exp in experiments:
-        md = BUILDERS[exp](df, seeds, overrides)
-        with open(os.path.join(results, f"{exp}.md"), "w") as f:
-            f.write(md + "\n\n" + note + "\n")
-        tables[exp] = md
-        print(f"\n{exp}\n{md}", flush=True)
-    return tables
-
-
-def provenance(results, experiments):
-    """Which data, code commit and machine the tables come from, and how long their runs took."""
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    df = all_rows(results)
-    total = df["seconds"].sum() / 3600 if "seconds" in df else 0
+def provenance(df):
+    """Which data, code commits and machine the rows come from, and how long their runs took."""
+    commits = ", ".join(f"`{c}`" for c in sorted(set(df["commit"].astype(str)))) if "commit" in df else "unknown"
     files = ", ".join(f"`{b['file']}` (sha256 {b['sha256'][:12]}…)" for b in D.BENCHMARKS.values())
-    return (f"Data: {files}. Code: commit `{commit}`. Runs: {len(df)} in {total:.1f} CPU-hours "
+    return (f"Data: {files}. Code: commit {commits}. Runs: {len(df)} in {df['seconds'].sum() / 3600:.1f} CPU-hours "
             f"(sum of per-run wall times, one torch thread each, {platform.machine()}, "
             f"torch {df['torch'].iloc[0] if 'torch' in df and len(df) else '?'}).")
 
 
-def update_readme(tables, note):
-    """Replace the README block between the results markers with the generated tables."""
+def write_tables(experiments, seeds, results, overrides, publish, verbose=True):
+    """Print every table; write results/<exp>.md only for complete tables (every row with its
+    full seed set) and return those."""
+    complete = {}
+    for exp in experiments:
+        df = all_rows(results, [exp])
+        md, missing = build(exp, df, seeds, overrides, results)
+        if verbose:
+            print(f"\n{TITLES[exp]}\n\n{md}", flush=True)
+        if missing:
+            if verbose:
+                print(f"\n{exp} is incomplete, {len(missing)} runs missing (not published), e.g. "
+                      + "; ".join(f"{w} --seed {s}" for w, s in missing[:3]), flush=True)
+            continue
+        used = pd.concat([matching(df, resolved(script, full_argv(exp, script, argv, s, results, overrides)))
+                          for _, script, argv, s in plan(exp, seeds)])
+        complete[exp] = (md, provenance(used))
+        if publish:
+            with open(os.path.join(results, f"{exp}.md"), "w") as f:
+                f.write(f"**{TITLES[exp]}**\n\n{md}\n\n{complete[exp][1]}\n")
+    return complete
+
+
+def update_readme(tables):
+    """Replace the README block between the results markers with the complete generated tables."""
     path = os.path.join(ROOT, "README.md")
     text = open(path).read()
     start, end = "<!-- results:start -->", "<!-- results:end -->"
     if start not in text or end not in text:
         print("README.md has no results markers; left it alone", flush=True)
         return
-    titles = {"table1": "Table 1: federated methods and centralized references (mean ± std over seeds)",
-              "table2": "Table 2: FedBYOL ablation on 10X PBMC",
-              "table3": "Table 3: FedSC on mouse bladder, cell types per client",
-              "fig3": "Figure 3 sweep: FedBYOL on 10X PBMC, rounds and local epochs",
-              "improve": "Beyond the paper: FedSC with other settings (same protocol otherwise)"}
-    body = "\n\n".join(f"**{titles[k]}**\n\n{v}" for k, v in tables.items())
-    figs = [f for f in ("table1.png", "fig3.png", "fedsc_pbmc_map.png")
-            if os.path.exists(os.path.join(ROOT, "results", "figures", f))]
+    body = "\n\n".join(f"**{TITLES[k]}**\n\n{md}\n\n{note}" for k, (md, note) in tables.items())
+    figs = [f for f in ("table1.png",) if os.path.exists(os.path.join(ROOT, "results", "figures", f))]
     body += "".join(f"\n\n![{f[:-4]}](results/figures/{f})" for f in figs)
-    block = f"{start}\n<!-- written by benchmark.py from results/*.csv; do not edit by hand -->\n\n{body}\n\n{note}\n{end}"
+    block = f"{start}\n<!-- written by benchmark.py from results/*.csv; do not edit by hand -->\n\n{body}\n{end}"
     text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    open(path, "w").write(text)
+    common._write_atomic(path, lambda tmp: open(tmp, "w").write(text))
     print("README.md results section updated", flush=True)
 
 
-def figures(results, tables, seeds, overrides):
+def figure(results, seeds):
+    """Table 1 as bars (ARI per method and recipe, per dataset), the paper's ARI marked."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no figures (pip install matplotlib)", flush=True)
+        print("matplotlib is not installed: no figure (pip install matplotlib)", flush=True)
         return
-    df = all_rows(results)
-    fig_dir = os.path.join(results, "figures")
-    os.makedirs(fig_dir, exist_ok=True)
-    if "table1" in tables:  # grouped bars: ARI per method, PBMC and bladder
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=False)
-        for ax, ds in zip(axes, DATASETS):
-            labels, means, stds, paper = [], [], [], []
-            for label, script, extra in T1_METHODS + T1_CENTRAL:
-                r = rows_for(df, script, ["--data", ds] + extra, seeds, overrides)
-                if len(r):
-                    labels.append(label.replace(" (centralized)", "*"))
-                    means.append([r[m].mean() for m in ("ari", "nmi", "sil")])
-                    stds.append([r[m].std(ddof=1) if len(r) > 1 else 0 for m in ("ari", "nmi", "sil")])
-                    paper.append(PAPER_T1[label][DATASETS.index(ds)][0] if label in PAPER_T1 else np.nan)
-            x = np.arange(len(labels))
-            ax.scatter(x - 0.27, paper, marker="_", s=250, color="k", zorder=3, label="paper ARI")
-            for j, m in enumerate(("ARI", "NMI", "Silhouette")):
-                ax.bar(x + (j - 1) * 0.27, [v[j] for v in means], 0.27, yerr=[v[j] for v in stds], label=m)
-            ax.set_xticks(x, labels, rotation=40, ha="right", fontsize=8)
-            ax.set_title(ds)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(fig_dir, "table1.png"), dpi=120)
-        plt.close(fig)
-    if "fig3" in tables:  # Figure 3: metrics against rounds and against local epochs
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for ax, (name, values) in zip(axes, [("rounds", (100, 200, 300, 400, 500)),
-                                              ("local_epochs", (5, 10, 25, 50, 100))]):
-            for m in ("ari", "nmi", "sil"):
-                pts = [(v, rows_for(df, "fedbyol.py", ["--data", "10X_PBMC", f"--{name.replace('_', '-')}", str(v)],
-                                    seeds, overrides)[m]) for v in values]
-                pts = [(v, r.mean(), r.std(ddof=1) if len(r) > 1 else 0) for v, r in pts if len(r)]
-                if pts:
-                    ax.errorbar(*zip(*pts), marker="o", capsize=3, label=m.upper())
-            ax.set_xlabel(name.replace("_", " "))
-            ax.legend(fontsize=8)
-        axes[0].set_title("FedBYOL, 10X PBMC")
-        fig.tight_layout()
-        fig.savefig(os.path.join(fig_dir, "fig3.png"), dpi=120)
-        plt.close(fig)
-    fedsc = df[(df["method"] == "FedSC") & (df["data"] == "10X_PBMC")] if "method" in df else df.iloc[:0]
-    run_dir = next((os.path.join(results, "runs", r) for r in fedsc.get("run", [])
-                    if os.path.exists(os.path.join(results, "runs", r, "embedding.npy"))), None)
-    if run_dir:  # 2-D PCA map of a FedSC embedding, coloured by true type and by cluster
-        from sklearn.decomposition import PCA
-        h = np.load(os.path.join(run_dir, "embedding.npy"))
-        cl = pd.read_csv(os.path.join(run_dir, "clusters.csv"))
-        xy = PCA(2, random_state=0).fit_transform(h)
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-        for ax, col in zip(axes, ("label", "cluster")):
-            ax.scatter(xy[:, 0], xy[:, 1], c=cl[col], s=3, cmap="tab20")
-            ax.set_title(f"FedSC embedding (PCA), coloured by {'true type' if col == 'label' else 'KMeans cluster'}")
-            ax.set_xticks([]), ax.set_yticks([])
-        fig.tight_layout()
-        fig.savefig(os.path.join(fig_dir, "fedsc_pbmc_map.png"), dpi=120)
-        plt.close(fig)
-    print(f"figures in {fig_dir}", flush=True)
+    df = all_rows(results, ["table1"])
+    fig, axes = plt.subplots(1, len(DATASETS), figsize=(16, 4.2))
+    for ax, ds in zip(axes, DATASETS):
+        labels, means, stds, paper = [], [], [], []
+        for label, script, extra in [(l, s, e + ["--recipe", rc]) for l, s, e in FED for rc in RECIPES] + CENTRAL:
+            r = rows_for(df, script, ["--data", ds] + extra, seeds, [], Missing())
+            if len(r) and "ari" in r:
+                tag = " (tuned)" if "tuned" in extra else ""
+                labels.append(label.replace(" (centralized)", "*") + tag)
+                means.append(r["ari"].mean())
+                stds.append(r["ari"].std(ddof=1) if len(r) > 1 else 0)
+                i = DATASETS.index(ds)
+                paper.append(PAPER_T1[label][i][0] if label in PAPER_T1 and i < 2 and not tag else np.nan)
+        x = np.arange(len(labels))
+        ax.bar(x, means, yerr=stds, color=["tab:orange" if "tuned" in l else "tab:blue" for l in labels])
+        ax.scatter(x, paper, marker="_", s=250, color="k", zorder=3, label="paper ARI")
+        ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{ds}: ARI")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.join(results, "figures"), exist_ok=True)
+    fig.savefig(os.path.join(results, "figures", "table1.png"), dpi=110)
+    plt.close(fig)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiments", nargs="*", default=["table1"], help="table1 table2 table3 fig3 improve")
+    p.add_argument("experiments", nargs="*", default=["tune", "table1"], help=" ".join(EXPERIMENTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each")
     p.add_argument("--quick", action="store_true",
-                   help="every row with 3 rounds of 1 local epoch and one seed, into results/quick/")
+                   help="every row with 3 rounds of 1 local epoch and one seed, into results/quick/ "
+                        "(tables printed, nothing published)")
     p.add_argument("--results", default=os.path.join(ROOT, "results"))
-    p.add_argument("--tables-only", action="store_true", help="only rebuild tables, figures and README")
+    p.add_argument("--tables-only", action="store_true", help="only rebuild the tables (and the README)")
     a = p.parse_args()
+    for e in a.experiments:
+        if e not in EXPERIMENTS:
+            p.error(f"unknown experiment '{e}': use {', '.join(EXPERIMENTS)}")
     overrides, results = [], a.results
     if a.quick:
         overrides, results = ["--rounds", "3", "--local-epochs", "1", "--epochs", "3"], os.path.join(a.results, "quick")
         a.seeds = a.seeds if a.seeds != [0, 1, 2] else [0]
-    failed = 0
-    if not a.tables_only:
-        failed = execute(a.experiments, a.seeds, a.jobs, results, overrides)
-    tables = write_tables(a.experiments, a.seeds, results, overrides, provenance(results, a.experiments))
-    figures(results, tables, a.seeds, overrides)
-    if tables and not a.quick and results == os.path.join(ROOT, "results"):
-        # the README shows every experiment that has results, not only the ones just run
-        df = all_rows(results)
-        # (fig3 shares its default point, twice, with table1: it shows once another point ran)
-        def settings_run(exp):  # distinct settings of exp with at least one row
-            return len({str(argv) for _, script, argv, s in plan(exp, a.seeds)
-                        if len(matching(df, resolved(script, argv + ["--seed", str(s)])))})
-        shown = {exp: BUILDERS[exp](df, a.seeds, overrides) for exp in BUILDERS
-                 if settings_run(exp) > (2 if exp == "fig3" else 0)}
-        update_readme(shown, provenance(results, a.experiments))
+    experiments = [e for e in EXPERIMENTS if e in a.experiments]  # tune before the tables that use it
+    with common.user_errors():
+        failed = 0 if a.tables_only else execute(experiments, a.seeds, a.jobs, results, overrides)
+        publish = not a.quick and results == os.path.join(ROOT, "results") and a.seeds == [0, 1, 2]
+        complete = write_tables(experiments, a.seeds, results, overrides, publish)
+        if publish:
+            if "table1" in complete:
+                figure(results, a.seeds)
+            # the README shows every experiment whose table is complete, not only the ones just run
+            others = [e for e in EXPERIMENTS if e not in experiments and os.path.exists(os.path.join(results, f"{e}.csv"))]
+            complete.update(write_tables(others, a.seeds, results, overrides, publish, verbose=False))
+            update_readme({e: complete[e] for e in EXPERIMENTS if e in complete})
+        elif complete:
+            print("\n(quick, partial or custom-seed tables are printed only: README and results/*.md unchanged)")
     sys.exit(1 if failed else 0)
 
 

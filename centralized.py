@@ -5,6 +5,7 @@
   csc      contrastive-sc itself: Dropout(0.9) inside the encoder, NT-Xent (T 0.07), Adam lr 0.4,
            batch 200, 30 epochs
 For centralized training of a federated method, run it with one client: --clients 1 --partition iid."""
+import dataclasses
 import json
 import time
 import typing
@@ -19,9 +20,12 @@ import common
 from fedsimclr import nt_xent
 
 
+NAMES = {"pca": "PCA", "pca_raw": "PCA-raw (paper)", "csc": "contrastive-sc"}
+
+
 @dataclass
-class Args(common.FedArgs):
-    """Centralized baselines; the federated arguments (clients, rounds, ...) are not used."""
+class Args(common.DataArgs):
+    """Centralized baselines: all cells in one place, no federation."""
     baseline: typing.Literal["pca", "pca_raw", "csc"] = "pca"
     """which centralized baseline to run"""
     n_components: int = 50
@@ -32,6 +36,14 @@ class Args(common.FedArgs):
     """--baseline csc: Adam learning rate (contrastive-sc's default)"""
     csc_batch: int = 200
     """--baseline csc: batch size"""
+    method: str = dataclasses.field(default="PCA", init=False)
+
+    def __post_init__(self):
+        self.method = NAMES[self.baseline]
+        common.check(self.n_components >= 1, f"--n-components must be at least 1, got {self.n_components}")
+        common.check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        common.check(self.csc_lr > 0, f"--csc-lr must be positive, got {self.csc_lr}")
+        common.check(self.csc_batch >= 2, f"--csc-batch must be at least 2 (BatchNorm), got {self.csc_batch}")
 
 
 def pca(X, n_components, seed):
@@ -67,20 +79,21 @@ def contrastive_sc(X, args):
 
 
 if __name__ == "__main__":
-    args = common.parse_args(Args)
     with common.user_errors():
+        args = common.parse_args(Args)
         t_start = time.time()
-        common.resolve(args, {"pca": "PCA", "pca_raw": "PCA-raw (paper)", "csc": "contrastive-sc"}[args.baseline])
+        common.check_args(args)
+        common.resolve(args)
         torch.set_num_threads(args.threads)
         print(f"config {json.dumps(vars(args))}", flush=True)
         common.seed_everything(args.seed)
-        X, y, k, cells, counts = common.load(args)
-        data = common.Data(X, y, [np.arange(len(X))], k, cells)
+        data, counts = common.load(args)
+        data.parts, data.t_start = [np.arange(len(data.X))], t_start
         if args.baseline == "pca":
-            h = pca(X, args.n_components, args.seed)
+            h = pca(data.X, args.n_components, args.seed)
         elif args.baseline == "pca_raw":
             counts = counts.toarray() if hasattr(counts, "toarray") else counts
             h = pca(np.ceil(counts.astype(np.float64)), 2, args.seed)
         else:
-            h = contrastive_sc(X, args)
-        common.finish(args, data, None, t_start, h=h)
+            h = contrastive_sc(data.X, args)
+        common.finish(args, data, h=h)

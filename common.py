@@ -1,28 +1,32 @@
-"""Shared training and evaluation helpers for the method files (fedsc.py, fedbyol.py, ...).
+"""Shared infrastructure for the method files (fedsimclr.py, fedsimsiam.py, fedmoco.py, fedbyol.py,
+fedsc.py) and centralized.py.
 
-Only infrastructure lives here; every method file keeps its networks, its loss, what its clients
-upload and how they take the global model back. In reading order:
+Only infrastructure lives here. Each method file keeps its networks, its loss, its local update,
+what a client uploads, how the server aggregates and how a client takes the global model back;
+`federate` below only calls those functions in order. In reading order:
 
-    FedArgs, parse_args   the common command-line arguments (one dataclass, argparse, no extras)
-    setup                 threads, seeding, config print, data loading and the client partition
-    backbone, mask        the contrastive-sc encoder f and random masking
-    fedavg                the server's weighted average
-    federate              rounds x clients x local epochs, with the method's hooks
-    evaluate, finish      KMeans on the global encoder's embedding, metrics, results
+    DataArgs, FedArgs, parse_args  command-line arguments (dataclasses -> argparse), --recipe
+    setup, load                    input checks, threads, seeding, config line, data, partition
+    backbone, Encoder, mask        the contrastive-sc encoder f, g(f(x)), random masking
+    Client, batches, weights       a client's private state; shuffled batches; copies of weights
+    fedavg                         the server's cell-weighted average
+    federate                       rounds x clients: download -> local update -> upload; aggregate
+    cluster_metrics, finish        KMeans on the global encoder, metrics, collapse signal, results
 """
-import ast
 import argparse
+import ast
 import contextlib
 import copy
 import dataclasses
-import fcntl
 import hashlib
 import inspect
 import json
 import math
 import os
 import random
+import subprocess
 import sys
+import tempfile
 import time
 import typing
 from dataclasses import dataclass
@@ -34,22 +38,57 @@ import torch.nn.functional as F
 
 import data as D
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+EMBED_DIM = 60    # backbone output f(x): what KMeans clusters (contrastive-sc's [200, 40, 60])
+PROJ_DIM = 128    # head output g(f(x)) that the losses compare (the paper's 128-d predictor)
+RECIPES = os.path.join(ROOT, "recipes.json")  # --recipe tuned values, written by run_all.sh tune
+
+
+class Diverged(Exception):
+    """Training produced NaN/inf: not an input error, a result (the row records it)."""
+
 
 # ---------------------------------------------------------------------------------------------
-# Arguments: a dataclass whose field docstrings become the --help text
+# Arguments: dataclasses whose field docstrings become the --help text
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class FedArgs:
+class DataArgs:
+    """What every script shares: the data, how it is read, evaluation and output."""
     data: str = "10X_PBMC"
-    """benchmark name (10X_PBMC or mouse_bladder, read from $FEDSC_DATA_DIR, default ./data, and downloaded if absent) or a path to an .h5/.h5ad/.csv/.tsv file"""
+    """benchmark name (10X_PBMC, mouse_bladder, baron_mouse_pancreas; read from $FEDSC_DATA_DIR, default ./data, and downloaded if absent) or a path to an .h5/.h5ad/.csv/.tsv file"""
     seed: int = 0
-    """seed of python, numpy and torch (model init, client partition, batches, masks)"""
+    """seed of python, numpy and torch (model init, client partition, batches, masks, KMeans)"""
+    threads: int = 1
+    """torch threads; 2 trains two clients of a round at once on two cores (results/speed.md)"""
+    out: str = "runs/results.csv"
+    """CSV file that gets one row per finished run; embedding and clusters go to <its folder>/runs/<run name>/"""
+    n_genes: int = 0
+    """highly variable genes kept; 0 = the benchmark's value (PBMC 500, bladder 1500), 500 for other data"""
+    layer: str = ""
+    """.h5ad only: read the raw counts from layers/<name>, or from raw/X with 'raw' (default: X)"""
+    label_key: str = ""
+    """.h5ad obs column (or HDF5 dataset) with the cell types; scDeepCluster files use Y"""
+    labels: str = ""
+    """a separate labels file, one label per line (for CSV/TSV counts)"""
+    transpose: bool = False
+    """the counts have genes as rows and cells as columns (CSV/TSV or HDF5)"""
+    n_clusters: int = 0
+    """KMeans clusters; 0 = number of true cell types (needed when the data has no labels)"""
+    l2norm: bool = True
+    """L2-normalise the embedding before KMeans (contrastive-sc does)"""
+
+
+@dataclass
+class FedArgs(DataArgs):
+    """The federated protocol; defaults are the paper's (README: Protocol)."""
+    recipe: typing.Literal["paper", "tuned"] = "paper"
+    """paper: the paper's protocol; tuned: this method's lr / rounds / local epochs chosen on 10X PBMC by run_all.sh tune (recipes.json); flags given explicitly still win"""
     clients: int = 4
     """number of clients K, all taking part in every round"""
     partition: typing.Literal["class", "iid", "dirichlet"] = "class"
     """how cells are split over clients: c cell types per client (EasyFL non_iid_class), iid, or dirichlet"""
     types_per_client: int = 0
-    """cell types per client for --partition class; 0 = the paper's value (PBMC 2, bladder 4, other data 2)"""
+    """cell types per client for --partition class; 0 = ceil(types / clients), the paper's value on both benchmarks (PBMC 2, bladder 4)"""
     rounds: int = 300
     """communication rounds R"""
     local_epochs: int = 5
@@ -58,10 +97,6 @@ class FedArgs:
     """batch size B (a client with fewer cells trains on one batch of all its cells)"""
     lr: float = 0.032
     """base learning rate of local SGD"""
-    threads: int = 1
-    """torch (and KMeans) threads; a second thread barely speeds up this small MLP (results/speed.md), so one run per core is the better use of 2 cores"""
-    out: str = "results/runs.csv"
-    """CSV file that gets one row per finished run; embedding and clusters go to <its folder>/runs/<run name>/"""
     momentum: float = 0.5
     """SGD momentum (paper 0.5; EasyFL 0.9)"""
     weight_decay: float = 5e-4
@@ -70,24 +105,12 @@ class FedArgs:
     """per-round learning rate: cosine from lr to 0 over the rounds (EasyFL default), or constant"""
     mask_rate: float = 0.9
     """random masking rate p of each augmented view (contrastive-sc input dropout 0.9)"""
-    n_genes: int = 0
-    """highly variable genes kept; 0 = 500 for PBMC, 1500 for bladder, 500 for other data"""
     dirichlet_alpha: float = 0.5
     """concentration of --partition dirichlet (smaller = more skewed)"""
     shuffle_classes: bool = False
     """--partition class: permute the class ids (seeded) before the heap assignment"""
-    label_key: str = ""
-    """.h5ad obs column (or HDF5 dataset) with the cell types; scDeepCluster files use Y"""
-    labels: str = ""
-    """a separate labels file, one label per line (for CSV/TSV counts)"""
-    transpose: bool = False
-    """CSV/TSV counts have genes as rows and cells as columns"""
-    n_clusters: int = 0
-    """KMeans clusters; 0 = number of true cell types (needed when the data has no labels)"""
     eval_every: int = 0
-    """also cluster and print ARI every N rounds (0 = only at the end)"""
-    l2norm: bool = True
-    """L2-normalise the embedding before KMeans (contrastive-sc does)"""
+    """also cluster, print ARI and the collapse signal every N rounds (0 = only at the end)"""
     embed: typing.Literal["backbone", "head"] = "backbone"
     """cluster the 60-d backbone output, or the 128-d head output"""
 
@@ -105,13 +128,15 @@ def _field_docs(cls):
     return docs
 
 
-def parse_args(cls, argv=None):
+def _parser(cls, with_defaults=True):
     docs = _field_docs(cls)
     p = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
+        if not f.init:  # derived fields (the method's name) are not options
+            continue
         names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        kw = dict(default=f.default, help=docs.get(f.name, " "))
+        kw = dict(default=f.default if with_defaults else argparse.SUPPRESS, help=docs.get(f.name, " "))
         if f.type is bool:  # False by default: a plain switch; True by default: --x / --no-x
             kw["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
         elif typing.get_origin(f.type) is typing.Literal:
@@ -119,29 +144,58 @@ def parse_args(cls, argv=None):
         else:
             kw["type"] = f.type
         p.add_argument(*names, dest=f.name, **kw)
-    return cls(**vars(p.parse_args(argv)))
+    return p
+
+
+def parse_args(cls, argv=None):
+    """The dataclass from the command line. With --recipe tuned, the method's tuned values from
+    recipes.json replace the defaults of the options they name, unless given explicitly."""
+    args = cls(**vars(_parser(cls).parse_args(argv)))
+    if getattr(args, "recipe", "paper") == "tuned":
+        given = vars(_parser(cls, with_defaults=False).parse_args(argv))
+        recipe = tuned_recipe(args.method)
+        for k, v in recipe.items():
+            if k not in given:
+                setattr(args, k, type(getattr(args, k))(v))
+    return args
+
+
+def tuned_recipe(method):
+    if not os.path.exists(RECIPES):
+        raise D.DataError(f"--recipe tuned needs {os.path.basename(RECIPES)}: run `bash run_all.sh tune` first")
+    with open(RECIPES) as f:
+        recipes = json.load(f)["recipes"]
+    if method not in recipes:
+        raise D.DataError(f"{os.path.basename(RECIPES)} has no tuned recipe for {method}: run `bash run_all.sh tune`")
+    return recipes[method]
 
 
 @contextlib.contextmanager
 def user_errors():
-    """Input problems end the run with one line and exit code 2, no traceback, no results row."""
+    """Input problems end the run with one `error:` line and exit code 2 (no traceback, no row);
+    a diverged training run ends with one `diverged:` line and exit code 3 (its row says so)."""
     try:
         yield
     except D.DataError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Diverged as e:
+        print(f"diverged: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
 
 
 # ---------------------------------------------------------------------------------------------
-# Setup: threads, seeds, config, data and partition
+# Setup: checks, threads, seeds, config, data and partition
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Data:
-    X: np.ndarray            # preprocessed cells x genes (all cells; used for evaluation only)
+    X: np.ndarray            # preprocessed cells x genes (all cells; each client gets its rows)
     y: typing.Optional[np.ndarray]
     parts: list              # one index array per client
     n_clusters: int
     cells: np.ndarray        # row numbers of the kept cells in the input file
+    label_names: typing.Optional[np.ndarray] = None
+    t_start: float = dataclasses.field(default_factory=time.time)
 
 
 def seed_everything(seed):
@@ -150,65 +204,150 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def check(ok, msg):
+    """An input check: raise the one-line user error msg unless ok."""
+    if not ok:
+        raise D.DataError(msg)
+
+
 def check_args(args):
-    for name in ("clients", "rounds", "local_epochs", "batch_size", "threads"):
-        if getattr(args, name) < 1:
-            raise D.DataError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not 0 <= args.mask_rate < 1:
-        raise D.DataError(f"--mask-rate must be in [0, 1), got {args.mask_rate}")
-    if args.lr <= 0:
-        raise D.DataError(f"--lr must be positive, got {args.lr}")
+    """Every argument that can be checked without the data, before anything is read or trained
+    (a method's own arguments are checked by its Args.__post_init__)."""
+    need = check
+    for name in ("threads",) + (("clients", "rounds", "local_epochs") if isinstance(args, FedArgs) else ()):
+        need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    need(args.seed >= 0, f"--seed must be 0 or more, got {args.seed}")
+    need(args.n_genes >= 0, f"--n-genes must be positive (or 0 for the default), got {args.n_genes}")
+    need(args.n_clusters == 0 or args.n_clusters >= 2, f"--n-clusters must be at least 2 (or 0 = number of types), got {args.n_clusters}")
+    if isinstance(args, FedArgs):
+        need(args.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm needs two cells), got {args.batch_size}")
+        need(0 <= args.mask_rate < 1, f"--mask-rate must be in [0, 1), got {args.mask_rate}")
+        need(args.lr > 0, f"--lr must be positive, got {args.lr}")
+        need(args.types_per_client >= 0, f"--types-per-client must be at least 1 (or 0 = the default), got {args.types_per_client}")
+        need(args.dirichlet_alpha > 0, f"--dirichlet-alpha must be positive, got {args.dirichlet_alpha}")
+        need(args.eval_every >= 0, f"--eval-every must be 0 (off) or more, got {args.eval_every}")
+        need(args.momentum >= 0 and args.weight_decay >= 0, "--momentum and --weight-decay must be 0 or more")
+    check_out(args.out)
 
 
-def resolve(args, method):
-    """Fill in the method name and the dataset-dependent defaults (0 = the paper's value)."""
-    args.method = method
-    bench = D.BENCHMARKS.get(args.data, {})
+def check_out(out):
+    """--out must be a results CSV (or a new file) in a folder we can write to."""
+    if os.path.isdir(out):
+        raise D.DataError(f"--out '{out}' is a directory; give a CSV file path, e.g. {os.path.join(out, 'results.csv')}")
+    if os.path.exists(out):
+        try:
+            with open(out) as f:
+                header = f.readline()
+        except (OSError, UnicodeDecodeError) as e:
+            raise D.DataError(f"--out '{out}' cannot be read as a results CSV ({e})") from None
+        if "config_id" not in header.split(","):
+            raise D.DataError(f"--out '{out}' exists and is not a results CSV of these scripts; "
+                              f"choose another file (rows are appended, never overwritten)")
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise D.DataError(f"--out '{out}': cannot write to {folder} ({e.strerror or e})") from None
+
+
+def code_hash(script):
+    """sha256 (12 hex digits) of a script and of every module of its folder that it imports,
+    transitively: a results row is reused only while the code that produced it is unchanged."""
+    folder, seen, todo = os.path.dirname(os.path.abspath(script)), {}, [os.path.abspath(script)]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen[path] = open(path, "rb").read()
+        for node in ast.walk(ast.parse(seen[path])):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            todo += [p for p in (os.path.join(folder, n.split(".")[0] + ".py") for n in names) if os.path.exists(p)]
+    h = hashlib.sha256()
+    for path in sorted(seen):
+        h.update(os.path.basename(path).encode() + b"\0" + seen[path])
+    return h.hexdigest()[:12]
+
+
+def git_commit():
+    """The commit a run's code comes from, +modified when the checkout differs from it."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        head = run("rev-parse", "--short", "HEAD")
+        if head.returncode:
+            return "unknown"
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", "*.py").stdout.strip()
+        return head.stdout.strip() + ("+modified" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def resolve(args, script=None):
+    """Fill in what a run's row must record: dataset defaults (0 = the benchmark's value; a
+    benchmark given by path is recognised by its sha256), the data file's sha256 and the code hash."""
+    path = D.resolve_data(args.data)
+    digest = D.sha256sum(path)
+    bench = next((b for b in D.BENCHMARKS.values() if b["sha256"] == digest), {})
     args.n_genes = args.n_genes or bench.get("n_genes", D.DEFAULT_N_GENES)
-    args.types_per_client = args.types_per_client or bench.get("types_per_client", D.DEFAULT_TYPES_PER_CLIENT)
+    if isinstance(args, FedArgs) and not args.types_per_client and "types_per_client" in bench:
+        args.types_per_client = bench["types_per_client"]
+    args.data_sha256 = digest[:16]
+    args.code = code_hash(script or sys.modules["__main__"].__file__)
     return args
 
 
 def load(args):
-    """Read and preprocess the data; returns (X, labels, n_clusters, kept cells, raw counts)."""
+    """Read and preprocess the data; returns (Data without parts, raw counts of the kept cells)."""
     path = D.resolve_data(args.data)
-    counts, y = D.read_counts(path, args.label_key or None, args.labels or None, args.transpose)
-    X, cells, genes = D.preprocess(counts, args.n_genes)
-    y = None if y is None else y[cells]
+    counts, y, names, used = D.read_counts(path, args.label_key or None, args.labels or None,
+                                           args.transpose, args.layer or None)
     if y is None and args.n_clusters < 1:
         raise D.DataError(f"'{path}' has no cell-type labels: pass --n-clusters to choose k "
                           f"(only the label-free metrics will be reported)")
-    print(f"data {path}: {len(X)} cells x {X.shape[1]} genes, "
+    X, cells, genes = D.preprocess(counts, args.n_genes)
+    y = None if y is None else y[cells]
+    k = args.n_clusters or len(np.unique(y))
+    if k > len(X):
+        raise D.DataError(f"--n-clusters {k} is more than the {len(X)} cells")
+    print(f"data {path} ({used}): {len(X)} cells x {X.shape[1]} genes, "
           f"{'no labels' if y is None else f'{len(np.unique(y))} types'}", flush=True)
-    return X, y, args.n_clusters or len(np.unique(y)), cells, counts[cells]
+    return Data(X, y, [], k, cells, names), counts[cells]
 
 
-def setup(args, method):
-    """Print the resolved config, seed everything, load + preprocess + partition the data."""
-    resolve(args, method)
+def setup(args):
+    """Check the arguments, resolve the defaults, print the config, seed everything, then load,
+    preprocess and partition the data. Everything a user can get wrong fails here, before training."""
+    t_start = time.time()
     check_args(args)
+    resolve(args)
     torch.set_num_threads(args.threads)
     print(f"config {json.dumps(vars(args))}", flush=True)
     print(f"torch {torch.__version__}  threads {torch.get_num_threads()}", flush=True)
     seed_everything(args.seed)
-    X, y, n_clusters, cells, _ = load(args)
-    if len(X) < args.clients:
-        raise D.DataError(f"{len(X)} cells for {args.clients} clients; use fewer --clients")
-    parts = D.partition(y, args.clients, args.partition, args.types_per_client,
-                        args.dirichlet_alpha, args.seed, args.shuffle_classes, n_cells=len(X))
-    for k, idx in enumerate(parts):
-        types = "" if y is None else f"  types {sorted(set(y[idx].tolist()))}"
+    data, _ = load(args)
+    data.t_start = t_start
+    if len(data.X) < args.clients:
+        raise D.DataError(f"{len(data.X)} cells for {args.clients} clients; use fewer --clients")
+    if args.partition == "class" and data.y is not None and not args.types_per_client:
+        args.types_per_client = math.ceil(len(np.unique(data.y)) / args.clients)
+        print(f"types per client: {args.types_per_client} (ceil of {len(np.unique(data.y))} types / {args.clients} clients)")
+    data.parts = D.partition(data.y, args.clients, args.partition, args.types_per_client,
+                             args.dirichlet_alpha, args.seed, args.shuffle_classes, n_cells=len(data.X))
+    for k, idx in enumerate(data.parts):
+        types = "" if data.y is None else f"  types {sorted(set(data.y[idx].tolist()))}"
         print(f"client {k}: {len(idx)} cells{types}", flush=True)
-    unused = len(X) - len(np.unique(np.concatenate(parts)))
+    unused = len(data.X) - len(np.unique(np.concatenate(data.parts)))
     if unused:
         print(f"{unused} cells belong to no client (not trained on; still evaluated)", flush=True)
-    return Data(X, y, parts, n_clusters, cells)
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
 # Shared networks and augmentation
 # ---------------------------------------------------------------------------------------------
-def backbone(n_genes, dims=(200, 40, 60)):
+def backbone(n_genes, dims=(200, 40, EMBED_DIM)):
     """contrastive-sc encoder f without its input dropout: Linear-BN-ReLU, Linear-BN-ReLU, Linear."""
     layers, d_in = [], n_genes
     for d in dims:
@@ -242,38 +381,28 @@ def mask(x, p, gen):
 
 
 # ---------------------------------------------------------------------------------------------
-# Server aggregation
-# ---------------------------------------------------------------------------------------------
-def fedavg(states, weights):
-    """FedAvg: sum_k (N_k / N) W_k over every floating-point entry (BN running stats included);
-    integer entries (BN num_batches_tracked) are taken from the first client."""
-    w = torch.tensor(weights, dtype=torch.float64)
-    w = w / w.sum()
-    out = {}
-    for key, first in states[0].items():
-        if first.is_floating_point():
-            out[key] = sum(wk * s[key].double() for wk, s in zip(w, states)).to(first.dtype)
-        else:
-            out[key] = first.clone()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The federation loop
+# Clients: private data and state; batches; copies of weights
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Client:
     cid: int
     x: torch.Tensor          # this client's cells: private, they never leave the client
     model: nn.ModuleDict     # the client's copy of every module (uploaded or kept local)
-    state: dict              # method-local state (FedSC's lambda, MoCo's queue ...), never uploaded
+    gen: torch.Generator     # the client's own random numbers (batches, masks, MoCo's queue)
+    state: dict = dataclasses.field(default_factory=dict)  # method-local state (FedSC's lambda, MoCo's queue)
 
     @property
     def n(self):
         return len(self.x)
 
 
+def make_client(cid, x, model, seed):
+    """A client with its cells, a copy of the server's initial model and its own seeded generator."""
+    return Client(cid, x, copy.deepcopy(model), torch.Generator().manual_seed(1000 * seed + cid))
+
+
 def learning_rate(args, rnd):
+    """lr of round rnd (0-based): cosine from lr to 0 over the rounds, constant within a round."""
     if args.lr_schedule == "constant":
         return args.lr
     return 0.5 * args.lr * (1 + math.cos(math.pi * rnd / args.rounds))
@@ -288,69 +417,90 @@ def batches(n, batch_size, gen):
     return list(perm[: n - n % batch_size].split(batch_size))
 
 
-def federate(args, data, model, upload, download, loss_fn, trainable, after_step=None):
-    """Run args.rounds rounds. Hooks from the method file:
-      upload:      names of the modules a client sends (with its cell count) to the server
-      download(client, global_state, rnd, args) -> dict of numbers to log: take the global model back
-      loss_fn(model, v1, v2, client, args) -> scalar loss on two masked views of a batch
-      trainable(model, args) -> parameters the local optimizer updates
-      after_step(model, client, step, args): per-step update, e.g. a target EMA (or None)
-    Returns the server's model (its uploaded modules hold the final global weights)."""
-    gen = torch.Generator().manual_seed(args.seed)
+def weights(module):
+    """A detached copy of a module's state (parameters and BN running statistics)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@torch.no_grad()
+def ema_(target, online, tau):
+    """target <- tau * target + (1 - tau) * online, parameter by parameter (BN buffers untouched)."""
+    for t, o in zip(target.parameters(), online.parameters()):
+        t.lerp_(o, 1 - tau)
+
+
+# ---------------------------------------------------------------------------------------------
+# Server aggregation
+# ---------------------------------------------------------------------------------------------
+def fedavg(states, counts):
+    """FedAvg: sum_k (N_k / N) W_k over every floating-point entry (BN running stats included);
+    integer entries (BN num_batches_tracked) are taken from the first client."""
+    w = torch.tensor(counts, dtype=torch.float64)
+    w = w / w.sum()
+    out = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            out[key] = sum(wk * s[key].double() for wk, s in zip(w, states)).to(first.dtype)
+        else:
+            out[key] = first.clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The federation loop: orchestration only, every step is the method file's function
+# ---------------------------------------------------------------------------------------------
+def federate(args, data, model, download, local_update, upload, aggregate):
+    """Run args.rounds rounds; each one calls the method file's functions in this order:
+        on every client:  download(client, global_state, args) -> dict of numbers to log
+                          local_update(client, lr, args)       -> dict with its mean loss
+                          upload(client)                       -> (weights, cell count)
+        on the server:    global_state = aggregate(uploads)
+    Loads the final global weights into model and returns the per-client, per-round log."""
     X = torch.from_numpy(data.X)
-    # CLIENT SIDE: each client holds its own cells and its own copy of the model
-    clients = [Client(k, X[idx].clone(), copy.deepcopy(model), {}) for k, idx in enumerate(data.parts)]
-    # SERVER SIDE: the global weights of the uploaded modules, nothing else
-    global_state = {key: copy.deepcopy(model[key].state_dict()) for key in upload}
-    step, t_start = 0, time.time()
+    # CLIENT SIDE: each client holds its own cells, a copy of the initial model and its own RNG
+    clients = [make_client(k, X[idx].clone(), model, args.seed) for k, idx in enumerate(data.parts)]
+    # SERVER SIDE: the global weights; round 0 broadcasts the seeded initial model
+    global_state = {key: weights(module) for key, module in model.items()}
+    log, t_start = [], time.time()
     for rnd in range(args.rounds):
         t0, lr = time.time(), learning_rate(args, rnd)
-        uploads, losses, logs = [], [], []
-        for c in clients:
-            # ---- on client c: download, local epochs, upload ----------------------------------
-            logs.append(download(c, global_state, rnd, args) or {})
-            opt = torch.optim.SGD(trainable(c.model, args), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-            c.model.train()
-            for _ in range(args.local_epochs):
-                for idx in batches(c.n, args.batch_size, gen):
-                    xb = c.x[idx]
-                    v1, v2 = mask(xb, args.mask_rate, gen), mask(xb, args.mask_rate, gen)
-                    loss = loss_fn(c.model, v1, v2, c, args)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    if after_step:
-                        after_step(c.model, c, step, args)
-                    step += 1
-                    losses.append(loss.detach())
-            # what crosses the wire: copies of the uploaded modules' weights and the cell count
-            uploads.append(({key: {k: v.detach().clone() for k, v in c.model[key].state_dict().items()}
-                             for key in upload}, c.n))
-        # ---- on the server: FedAvg of each uploaded module, weighted by cell counts ---------------
-        states, counts = zip(*uploads)
-        global_state = {key: fedavg([s[key] for s in states], counts) for key in upload}
-        # ---- progress ---------------------------------------------------------------------------
-        extra = "".join(f"  {k} {np.mean([l[k] for l in logs if k in l]):.3f}"
-                        for k in sorted({k for l in logs for k in l}))
-        loss = torch.stack(losses).mean().item() if losses else float("nan")
-        if not math.isfinite(loss):
-            print(f"warning: round {rnd + 1} loss is {loss}: training diverged (try a smaller --lr)", flush=True)
-        line = f"round {rnd + 1}/{args.rounds}  loss {loss:.4f}  lr {lr:.4f}{extra}  {time.time() - t0:.2f}s"
+        uploads, logs = [], []
+        for c in clients:  # ---- on client c: its cells and local state never leave it ----------
+            entry = download(c, global_state, args)
+            entry.update(local_update(c, lr, args))
+            uploads.append(upload(c))
+            logs.append(entry)
+        global_state = aggregate(uploads)  # ---- on the server: only weights and counts arrive --
+        log += [{"round": rnd + 1, "client": c.cid, "lr": lr, **e} for c, e in zip(clients, logs)]
+        loss = float(np.mean([e["loss"] for e in logs]))
+        if not math.isfinite(loss):  # a result, not an input error: the row records it
+            save_run(args, data, log, "diverged")
+            raise Diverged(f"round {rnd + 1}: the loss is {loss}; try a smaller --lr")
+        line = f"round {rnd + 1}/{args.rounds}  loss {loss:.4f}  lr {lr:.4f}"
+        for k in sorted({k for e in logs for k in e} - {"loss"}):  # e.g. FedSC's mu, one per client
+            line += f"  {k} " + "/".join(f"{e[k]:.3f}" for e in logs if k in e)
         if args.eval_every and (rnd + 1) % args.eval_every == 0 and rnd + 1 < args.rounds:
-            for key in upload:
+            for key in global_state:
                 model[key].load_state_dict(global_state[key])
-            m = evaluate(args, data, model)
-            line += f"  ARI {m['ari']:.2f}" if "ari" in m else f"  sil {m['sil']:.2f}"
-        print(line, flush=True)
-    for key in upload:
+            m, _ = cluster_metrics(embed(args, model, data.X), data.y, data.n_clusters, args.seed)
+            line += "".join(f"  {k} {m[k]:.2f}" for k in ("ari", "sil", "erank") if k in m)
+        print(line + f"  {time.time() - t0:.2f}s", flush=True)
+    for key in global_state:
         model[key].load_state_dict(global_state[key])
-    print(f"trained {args.rounds} rounds in {time.time() - t_start:.1f}s ({step} local steps)", flush=True)
-    return model
+    print(f"trained {args.rounds} rounds in {time.time() - t_start:.1f}s", flush=True)
+    return log
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation and results
 # ---------------------------------------------------------------------------------------------
+COLLAPSE_ERANK = 2.0  # an embedding (of more than 2 dimensions) with a lower effective rank has collapsed
+
+
+def collapsed(h, erank):
+    return h.shape[1] > 2 and erank < COLLAPSE_ERANK
+
+
 @torch.no_grad()
 def embed(args, model, X):
     """All cells through the global online encoder (MoCo: encoder_q), eval mode, unmasked."""
@@ -363,18 +513,29 @@ def embed(args, model, X):
     return h.numpy().astype(np.float64)
 
 
+def effective_rank(h):
+    """exp(entropy of the normalised singular values) of the centred embedding: 1 when every cell
+    lies on one line, the dimension when all directions are used equally. Label-free."""
+    s = np.linalg.svd(h - h.mean(0), compute_uv=False)
+    if s.sum() <= 0 or not np.isfinite(s).all():
+        return 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
 def cluster_metrics(h, y, n_clusters, seed, threads=1):
     """KMeans(k-means++, n_init=10, random_state=seed); ARI and NMI against y when given,
-    silhouette (on the embedding, predicted labels; 5000-cell sample above that) and
-    Calinski-Harabasz. ARI/NMI/silhouette in percent, as the paper's tables."""
+    silhouette (on the embedding, predicted labels; a 5000-cell sample above that), Calinski-
+    Harabasz, and the embedding's effective rank. ARI/NMI/silhouette in percent, as the paper."""
     from sklearn.cluster import KMeans
     from sklearn import metrics as M
     from threadpoolctl import threadpool_limits
     if not np.isfinite(h).all():
-        raise D.DataError("the embedding holds NaN or inf values: training diverged; try a smaller --lr")
+        raise Diverged("the embedding holds NaN or inf values; try a smaller --lr")
+    out = {"erank": effective_rank(h)}
     with threadpool_limits(threads):
         pred = KMeans(n_clusters=n_clusters, init="k-means++", n_init=10, random_state=seed).fit_predict(h)
-    out = {}
     if y is not None:
         out["ari"] = 100 * M.adjusted_rand_score(y, pred)
         out["nmi"] = 100 * M.normalized_mutual_info_score(y, pred)
@@ -383,19 +544,8 @@ def cluster_metrics(h, y, n_clusters, seed, threads=1):
         out["sil"] = 100 * M.silhouette_score(h, pred, sample_size=sample, random_state=seed)
         out["ch"] = M.calinski_harabasz_score(h, pred)
     else:
-        print("warning: every cell got the same cluster: the embedding has collapsed", flush=True)
         out["sil"] = out["ch"] = float("nan")
     return out, pred
-
-
-def evaluate(args, data, model):
-    return cluster_metrics(embed(args, model, data.X), data.y, data.n_clusters, args.seed, args.threads)[0]
-
-
-def config_id(args):
-    """A hash of every argument that can change the result (not where it is written, not threads)."""
-    keep = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "threads")}
-    return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def append_row(path, row):
@@ -404,37 +554,92 @@ def append_row(path, row):
     import pandas as pd
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(path + ".lock"):
         old = pd.read_csv(path) if os.path.exists(path) else pd.DataFrame()
         new = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        new.to_csv(tmp, index=False)
+        _write_atomic(path, lambda tmp: new.to_csv(tmp, index=False))
+
+
+@contextlib.contextmanager
+def _locked(lock_path):
+    with open(lock_path, "a+") as lock:
+        if os.name == "nt":  # Windows
+            import msvcrt
+            msvcrt.locking(lock.fileno(), msvcrt.LK_LOCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _write_atomic(path, write):
+    """write(tmp_path), then rename over path: readers see the old file or the whole new one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
         os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def finish(args, data, model, t_start, h=None):
-    """Cluster the final global encoder's embedding (or a given one, h), save the embedding and the
-    clusters, and append the results row."""
+def run_folder(args):
+    """A fresh folder for this run's files: no spaces, never shared with a concurrent run."""
+    import re
+    name = f"{os.path.basename(str(args.data)).split('.')[0]}__{args.method}__s{args.seed}"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+    runs = os.path.join(os.path.dirname(os.path.abspath(args.out)), "runs")
+    os.makedirs(runs, exist_ok=True)
+    return tempfile.mkdtemp(prefix=name + "__" + time.strftime("%Y%m%d-%H%M%S") + "__", dir=runs)
+
+
+def finish(args, data, model=None, log=None, h=None):
+    """Cluster the final global encoder's embedding (or a given one, h) and save the run."""
     h = embed(args, model, data.X) if h is None else h
     metrics, pred = cluster_metrics(h, data.y, data.n_clusters, args.seed, args.threads)
-    seconds = time.time() - t_start
-    print("final  " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f"  time {seconds:.1f}s", flush=True)
-    name = f"{os.path.basename(str(args.data)).split('.')[0]}__{args.method}__s{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "runs", name)
-    os.makedirs(run_dir, exist_ok=True)
-    np.save(os.path.join(run_dir, "embedding.npy"), h.astype(np.float32))
-    client = np.full(len(data.X), -1)
-    for k, idx in enumerate(data.parts):
-        client[idx] = k
+    if collapsed(h, metrics["erank"]):
+        print(f"warning: the embedding has collapsed (effective rank {metrics['erank']:.2f} < "
+              f"{COLLAPSE_ERANK}): its clusters mean little; try another --lr or method", flush=True)
+    print("final  " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+          + f"  time {time.time() - data.t_start:.1f}s", flush=True)
+    return save_run(args, data, log, "ok", metrics, h, pred)
+
+
+def save_run(args, data, log, status, metrics=None, h=None, pred=None):
+    """Write the run's folder (embedding, clusters with the input's row numbers and label names,
+    per-round log, result.json), each file atomically, then append the results row last: a row
+    means a whole run. A diverged run gets a row too, with status 'diverged' and no metrics."""
     import pandas as pd
-    pd.DataFrame({"cell": data.cells, "client": client,
-                  "label": data.y if data.y is not None else -1, "cluster": pred}
-                 ).to_csv(os.path.join(run_dir, "clusters.csv"), index=False)
-    row = {**vars(args), **metrics, "seconds": round(seconds, 2), "torch": torch.__version__,
-           "threads_used": torch.get_num_threads(), "config_id": config_id(args), "run": name}
-    with open(os.path.join(run_dir, "result.json"), "w") as f:
-        json.dump(row, f, indent=1)
+    run_dir = run_folder(args)
+    if h is not None:
+        _write_atomic(os.path.join(run_dir, "embedding.npy"),
+                      lambda tmp: np.save(open(tmp, "wb"), h.astype(np.float32)))
+    if pred is not None:
+        client = np.full(len(data.X), -1)
+        for k, idx in enumerate(data.parts):
+            client[idx] = k
+        table = {"cell": data.cells, "client": client}
+        if data.y is not None:
+            table["label"] = data.y
+            if data.label_names is not None:
+                table["label_name"] = data.label_names[data.y]
+        table["cluster"] = pred
+        _write_atomic(os.path.join(run_dir, "clusters.csv"), lambda tmp: pd.DataFrame(table).to_csv(tmp, index=False))
+    if log:
+        _write_atomic(os.path.join(run_dir, "rounds.csv"), lambda tmp: pd.DataFrame(log).to_csv(tmp, index=False))
+    metrics = metrics or {}
+    row = {**vars(args), **metrics, "collapsed": h is not None and collapsed(h, metrics["erank"]), "status": status,
+           "seconds": round(time.time() - data.t_start, 2), "torch": torch.__version__,
+           "threads_used": torch.get_num_threads(), "commit": git_commit(),
+           "config_id": config_id(args), "run": os.path.basename(run_dir)}
+    _write_atomic(os.path.join(run_dir, "result.json"), lambda tmp: json.dump(row, open(tmp, "w"), indent=1))
     append_row(args.out, row)
-    print(f"wrote a row to {args.out} and the embedding to {run_dir}", flush=True)
+    print(f"wrote a row to {args.out} and the run's files to {run_dir}", flush=True)
     return metrics
+
+
+def config_id(args):
+    """A hash of everything that can change a result: every argument (not where the row goes, not
+    the thread count), the data file's sha256 and the code hash."""
+    keep = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "threads")}
+    return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]

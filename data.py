@@ -37,8 +37,11 @@ BENCHMARKS = {
                      sha256="ec78ead405dfa988d6156c12068b49c0782ca58f5ed52c938d8ba8e8377eb16e"),
     "mouse_bladder": dict(file="mouse_bladder_cell_top2000.h5", n_genes=1500, types_per_client=4,
                           sha256="2a97282cf325a4b2a63c2b818be82c453007f29838c7280f30dadd01be4501ab"),
+    # out-of-sample check (Baron et al. 2016, GEO GSE84133, two mice); not downloadable from a pin
+    "baron_mouse_pancreas": dict(file="baron_mouse_pancreas.h5", url=None, types_per_client=4,
+                                 sha256="799d87f4a62ca46b9206579801e883cbde8c1e739b4b75f7ab1e949f25e88366"),
 }
-DEFAULT_N_GENES, DEFAULT_TYPES_PER_CLIENT = 500, 2  # for any other file
+DEFAULT_N_GENES = 500  # for any other file (contrastive-sc's default); types per client: ceil(C / K)
 
 
 def data_dir():
@@ -80,6 +83,8 @@ def resolve_data(name):
     if name in BENCHMARKS:
         b = BENCHMARKS[name]
         path = os.path.join(data_dir(), b["file"])
+        if not os.path.exists(path) and b.get("url", SCDCC) is None:
+            raise DataError(f"{path} not found; put {b['file']} in $FEDSC_DATA_DIR (it is not downloadable here)")
         if not os.path.exists(path):
             print(f"{path} not found: downloading it from {SCDCC}", flush=True)
             download(SCDCC + b["file"], path, b["sha256"])
@@ -129,7 +134,9 @@ def _h5ad_column(f, key):
     return values
 
 
-def read_h5(path, label_key=None):
+def read_h5(path, label_key=None, layer=None):
+    """scDeepCluster HDF5 (X, Y, optional label_names) or AnnData .h5ad (X, layers/<name>, raw/X,
+    obs columns). Returns (counts, labels or None, which matrix was read)."""
     import h5py
     try:
         f = h5py.File(path, "r")
@@ -137,11 +144,24 @@ def read_h5(path, label_key=None):
         raise DataError(f"cannot read '{path}' as HDF5 ({e})") from None
     with f:
         if "obs" in f:  # AnnData layout
-            if "X" not in f:
+            if layer == "raw":
+                if "raw" not in f or "X" not in f["raw"]:
+                    raise DataError(f"'{path}' has no raw/X; layers are: {', '.join(f.get('layers', {}).keys()) or 'none'}")
+                X, used = _h5_matrix(f["raw"]["X"]), "raw/X"
+            elif layer:
+                if "layers" not in f or layer not in f["layers"]:
+                    raise DataError(f"'{path}' has no layers/{layer}; layers are: "
+                                    f"{', '.join(f.get('layers', {}).keys()) or 'none'}{'; raw/X exists (--layer raw)' if 'raw' in f else ''}")
+                X, used = _h5_matrix(f["layers"][layer]), f"layers/{layer}"
+            elif "X" not in f:
                 raise DataError(f"'{path}' is an AnnData file without X (no counts)")
-            X = _h5_matrix(f["X"])
+            else:
+                X, used = _h5_matrix(f["X"]), "X"
+            others = [f"layers/{k}" for k in f.get("layers", {}).keys()] + (["raw/X"] if "raw" in f else [])
             y = _h5ad_column(f, label_key) if label_key else None
-            return X, y
+            return X, y, used + (f" (also in the file: {', '.join(others)})" if others else "")
+        if layer:
+            raise DataError(f"--layer is for .h5ad files; '{path}' is a plain HDF5 file")
         if "X" not in f:
             raise DataError(f"'{path}' holds no counts: expected a dataset 'X' (cells x genes); "
                             f"found {', '.join(f.keys()) or 'nothing'}")
@@ -150,23 +170,51 @@ def read_h5(path, label_key=None):
         y = f[key][()] if key in f else None
         if label_key and y is None:
             raise DataError(f"'{path}' has no labels dataset '{label_key}'")
-        return X, y
+        if y is not None and key == "Y" and "label_names" in f:  # integer codes -> their names
+            y = _decode(f["label_names"][()])[np.asarray(y).astype(int)]
+        return X, _decode(y) if y is not None else None, "X"
+
+
+def _numeric(values):
+    try:
+        np.asarray(values, dtype=float)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def read_table(path, transpose=False):
+    """A CSV/TSV table with a header row of names and a first column of names."""
     import pandas as pd
     sep = "," if path.endswith((".csv", ".csv.gz")) else "\t"
     try:
         df = pd.read_csv(path, sep=sep, index_col=0)
     except Exception as e:  # pandas raises many kinds; all mean "not a readable table"
         raise DataError(f"cannot read '{path}' as a table ({type(e).__name__}: {e})") from None
+    if len(df.columns) and _numeric(df.columns):
+        raise DataError(f"'{path}': the first line is numbers, not names, so it looks like data; the "
+                        f"table needs a header line of gene names (cell names with --transpose) and a "
+                        f"first column of cell (gene) names, or its first cell and gene are lost")
+    index = np.asarray(df.index)
+    if len(index) > 1 and _numeric(index) and not np.array_equal(index.astype(float), np.arange(len(index))) \
+            and not np.array_equal(index.astype(float), np.arange(1, len(index) + 1)):
+        raise DataError(f"'{path}': the first column is numbers but not row numbers, so it looks like "
+                        f"data; the table needs a first column of cell (or gene) names")
     if transpose:
         df = df.T
     try:
-        return df.to_numpy(dtype=np.float64)
+        return df.to_numpy(dtype=np.float64), np.asarray(df.index).astype(str), np.asarray(df.columns).astype(str)
     except ValueError:
         raise DataError(f"'{path}' has non-numeric entries; counts must be numbers "
                         f"(cells as rows, or genes as rows with --transpose)") from None
+
+
+def _genes_as_rows(rows, cols):
+    """True when the row names look like genes (Ensembl ids) or the column names like cell
+    barcodes (a run of 10+ A/C/G/T): the table is probably genes x cells."""
+    import re
+    share = lambda names, pat: np.mean([bool(re.search(pat, str(n))) for n in names[:200]]) if len(names) else 0
+    return share(rows, r"^ENS[A-Z]*G\d{6,}") > 0.5 or share(cols, r"[ACGT]{10,}") > 0.5
 
 
 def read_labels(path):
@@ -179,26 +227,40 @@ def read_labels(path):
     return np.array([l.replace("\t", ",").split(",")[-1].strip().strip('"') for l in lines])
 
 
-def read_counts(path, label_key=None, labels=None, transpose=False):
-    """Pick the reader from the file itself: HDF5 (scDeepCluster X/Y or AnnData) or a text table."""
+def read_counts(path, label_key=None, labels=None, transpose=False, layer=None):
+    """Pick the reader from the file itself: HDF5 (scDeepCluster X/Y or AnnData) or a text table.
+    Returns (counts cells x genes, label codes or None, label names or None, which matrix was read)."""
     if not os.path.isfile(path):
         raise DataError(f"data file '{path}' does not exist or is not a file")
     with open(path, "rb") as f:
         is_hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
+    rows = None
     if is_hdf5:
-        X, y = read_h5(path, label_key)
+        X, y, used = read_h5(path, label_key, layer)
+        if transpose:
+            X = X.T
     elif path.endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")):
-        X, y = read_table(path, transpose), None
+        if layer:
+            raise DataError(f"--layer is for .h5ad files; '{path}' is a table")
+        X, rows, cols = read_table(path, transpose)
+        y, used = None, "table" + (" (transposed)" if transpose else "")
+        if not transpose and _genes_as_rows(rows, cols):
+            raise DataError(f"'{path}': the rows look like genes ({rows[0]}, ...) and the columns like "
+                            f"cells ({cols[0]}, ...): the table is probably genes x cells; pass --transpose")
     else:
         raise DataError(f"'{path}' is neither HDF5 (.h5/.h5ad) nor a .csv/.tsv/.txt table")
     if labels:
         y = read_labels(labels)
         if len(y) == X.shape[0] + 1:  # a header line
             y = y[1:]
-    return check_counts(X, y, path)
+        if len(y) not in (X.shape[0], X.shape[0] + 1) and len(y) in (X.shape[1], X.shape[1] + 1):
+            raise DataError(f"{len(y)} labels match the {X.shape[1]} columns, not the {X.shape[0]} rows: "
+                            f"the counts are probably genes x cells; {'drop' if transpose else 'pass'} --transpose")
+    return check_counts(X, y, path) + (used,)
 
 
 def check_counts(X, y, what="data"):
+    """Raw integer counts, cells x genes; labels -> codes 0..C-1 (sorted label order) and names."""
     if X.ndim != 2 or min(X.shape) == 0:
         raise DataError(f"{what}: counts must be a non-empty cells x genes matrix, got shape {X.shape}")
     vals = X.data if sp.issparse(X) else X
@@ -208,6 +270,13 @@ def check_counts(X, y, what="data"):
         raise DataError(f"{what}: counts contain NaN or infinite values; raw counts are needed")
     if (vals < 0).any():
         raise DataError(f"{what}: counts contain negative values; pass raw (unnormalised) counts")
+    if np.issubdtype(vals.dtype, np.floating):
+        frac = vals[vals != np.round(vals)]
+        if len(frac):
+            raise DataError(f"{what}: counts are not integers ({len(frac)} values such as {frac[0]:.4g}): "
+                            f"this looks log-normalised or scaled; pass raw UMI counts (for an .h5ad, "
+                            f"--layer <name> reads layers/<name> and --layer raw reads raw/X)")
+    names = None
     if y is not None:
         y = np.asarray(y)
         if len(y) != X.shape[0]:
@@ -215,19 +284,28 @@ def check_counts(X, y, what="data"):
                             f"(cells are rows; use --transpose if genes are rows)")
         if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in y.tolist()):
             raise DataError(f"{what}: some labels are missing (NaN/None)")
-        y = np.unique(y.astype(str) if y.dtype.kind in "OUS" else y, return_inverse=True)[1].astype(np.int64)
-    return X, y
+        names, y = np.unique(y.astype(str) if y.dtype.kind in "OUS" else y, return_inverse=True)
+        names, y = names.astype(str), y.astype(np.int64)
+    return X, y, names
 
 
 # ---------------------------------------------------------------------------------------------
 # Preprocessing: contrastive-sc's train.preprocess + utils.normalize, in numpy
 # ---------------------------------------------------------------------------------------------
-def hvg_seurat(X_log, n_top, n_bins=20):
-    """scanpy highly_variable_genes(flavor='seurat', n_top_genes=n_top) on log1p data; returns a
-    boolean gene mask. Dispersion = var/mean of expm1(X), z-scored within 20 mean bins."""
-    X = np.expm1(X_log)
-    mean = X.mean(0)
-    var = X.var(0, ddof=1)
+def gene_stats(X):
+    """Per-gene sufficient statistics of a cells x genes matrix (dense or sparse), in float64:
+    (number of cells, sum, sum of squares). Sums of these over parts equal the pooled ones."""
+    if sp.issparse(X):
+        return X.shape[0], np.asarray(X.sum(0)).ravel(), np.asarray(X.multiply(X).sum(0)).ravel()
+    return X.shape[0], X.sum(0), (X * X).sum(0)
+
+
+def hvg_from_stats(n, total, total_sq, n_top, n_bins=20):
+    """scanpy highly_variable_genes(flavor='seurat', n_top_genes=n_top) from per-gene statistics of
+    the normalised (not log) values; returns a boolean gene mask. Dispersion = var / mean,
+    log-dispersions z-scored within 20 equal-width bins of log1p(mean)."""
+    mean = total / n
+    var = np.maximum(total_sq - n * mean ** 2, 0) / (n - 1)
     mean[mean == 0] = 1e-12
     disp = var / mean
     disp[disp == 0] = np.nan
@@ -258,22 +336,30 @@ def hvg_seurat(X_log, n_top, n_bins=20):
     return np.nan_to_num(z) >= ranked[n_top - 1]
 
 
+def hvg_seurat(X_log, n_top, n_bins=20):
+    """The seurat HVG mask of a log1p matrix (dense or sparse)."""
+    X = X_log.expm1() if sp.issparse(X_log) else np.expm1(X_log)
+    return hvg_from_stats(*gene_stats(X), n_top, n_bins)
+
+
 def preprocess(X, n_genes):
     """Raw counts -> float32 (cells x HVGs). Returns (matrix, kept cell indices, kept gene indices).
-    ceil -> drop empty genes/cells -> median library-size normalisation -> log1p -> seurat HVGs
-    -> per-gene z-score (ddof=1, no clipping)."""
-    X = X.toarray() if sp.issparse(X) else np.asarray(X)
-    X = np.ceil(X.astype(np.float64))
-    genes = np.flatnonzero(X.sum(0) >= 1)
+    drop empty genes/cells -> median library-size normalisation -> log1p -> seurat HVGs -> per-gene
+    z-score (ddof=1, no clipping). Sparse input stays sparse: only the HVG columns become dense."""
+    X = sp.csr_matrix(X, dtype=np.float64)
+    X.data = np.ceil(X.data)  # contrastive-sc ceils; raw counts are integers already (checked)
+    genes = np.flatnonzero(np.asarray(X.sum(0)).ravel() >= 1)
     X = X[:, genes]
-    cells = np.flatnonzero(X.sum(1) >= 1)
-    X = X[cells]
+    totals = np.asarray(X.sum(1)).ravel()
+    cells = np.flatnonzero(totals >= 1)
+    X, totals = X[cells], totals[cells]
     if len(cells) < 2 or len(genes) < 2:
         raise DataError(f"after removing empty cells/genes only {len(cells)} cells x {len(genes)} genes are left")
-    totals = X.sum(1, keepdims=True)
-    X = np.log1p(X * (np.median(totals) / totals))
-    keep = hvg_seurat(X, n_genes)
-    X, genes = X[:, keep], genes[keep]
+    if n_genes > len(genes):
+        print(f"--n-genes {n_genes} is more than the {len(genes)} non-empty genes: using all of them", flush=True)
+    X = sp.diags(np.median(totals) / totals) @ X  # each cell scaled to the median library size
+    keep = hvg_from_stats(*gene_stats(X), n_genes)
+    X, genes = np.log1p(X[:, np.flatnonzero(keep)].toarray()), genes[keep]
     std = X.std(0, ddof=1)
     std[std == 0] = 1
     X = (X - X.mean(0)) / std

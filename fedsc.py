@@ -1,10 +1,11 @@
 # FedSC (Mo & Chen): federated BYOL + a divergence-aware EMA download. Docs: README.md#fedscpy
 """FedSC: each client trains BYOL locally (online encoder + predictor, EMA target, stop-gradient),
-uploads its online encoder and predictor, and takes the FedAvg'd global model back through an EMA
-whose rate mu_k grows with the divergence between the global and its own encoder (paper Eq. 3-4)."""
+uploads its online encoder and predictor, the server averages them (FedAvg), and each client takes
+the global model back through an EMA whose rate mu_k grows with the divergence between the global
+and its own encoder (paper Eq. 3-4); the target encoder stays on the client."""
 import copy
+import dataclasses
 import math
-import time
 import typing
 from dataclasses import dataclass
 
@@ -31,24 +32,25 @@ class Args(common.FedArgs):
     mu_rule: typing.Literal["scaled", "literal"] = "scaled"
     """scaled: mu = min(lambda_k * d, 1), lambda_k = alpha / d at the first EMA (FedEMA);
     literal: the paper's Eq. 4, mu = min(alpha / d, 1)"""
+    method: str = dataclasses.field(default="FedSC", init=False)
+
+    def __post_init__(self):
+        common.check(0 <= self.tau <= 1, f"--tau must be in [0, 1], got {self.tau}")
+        common.check(self.alpha > 0, f"--alpha must be positive, got {self.alpha}")
 
 
 # ---------------------------------------------------------------------------------------------
 # METHOD: networks. Online encoder g(f(x)), predictor q, target = EMA copy of the online encoder
 # ---------------------------------------------------------------------------------------------
 def make_model(n_genes, args):
-    online = common.Encoder(common.backbone(n_genes), nn.Linear(60, 128))
+    online = common.Encoder(common.backbone(n_genes), nn.Linear(common.EMBED_DIM, common.PROJ_DIM))
     if args.predictor == "linear":
-        predictor = nn.Linear(128, 128)
+        predictor = nn.Linear(common.PROJ_DIM, common.PROJ_DIM)
     else:
-        predictor = nn.Sequential(nn.Linear(128, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 128))
+        predictor = nn.Sequential(nn.Linear(common.PROJ_DIM, 512), nn.BatchNorm1d(512), nn.ReLU(),
+                                  nn.Linear(512, common.PROJ_DIM))
     target = copy.deepcopy(online).requires_grad_(False)
     return nn.ModuleDict(dict(online=online, predictor=predictor, target=target))
-
-
-def trainable(model, args):
-    """The local optimizer updates the online encoder and the predictor, never the target."""
-    return list(model["online"].parameters()) + list(model["predictor"].parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,38 +60,68 @@ def byol_loss(p, z):
     return 2 - 2 * F.cosine_similarity(p, z, dim=-1)
 
 
-def loss_fn(model, v1, v2, client, args):
+def loss_fn(model, v1, v2, args):
     p1, p2 = model["predictor"](model["online"](v1)), model["predictor"](model["online"](v2))
     with torch.no_grad():  # stop-gradient on the target branch
         z1, z2 = model["target"](v1), model["target"](v2)
     return (byol_loss(p1, z2) + byol_loss(p2, z1)).mean()
 
 
-@torch.no_grad()
-def ema_(target, online, tau):
-    """target <- tau * target + (1 - tau) * online, over the parameters."""
-    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - tau)
-
-
-def after_step(model, client, step, args):
-    tau = args.tau
-    if args.tau_schedule == "cosine":  # BYOL: tau_k = 1 - (1 - tau) (cos(pi k / K) + 1) / 2
-        k = client.state["steps"] = client.state.get("steps", 0) + 1
-        total = args.rounds * args.local_epochs * max(1, client.n // args.batch_size)
-        tau = 1 - (1 - args.tau) * (math.cos(math.pi * min(k / total, 1.0)) + 1) / 2
-    ema_(model["target"], model["online"], tau)
+def target_tau(step, total, args):
+    """tau of the target EMA at the client's step (1-based) of total: constant, or BYOL's cosine
+    tau_k = 1 - (1 - tau) (cos(pi k / K) + 1) / 2, rising from tau to 1."""
+    if args.tau_schedule == "constant":
+        return args.tau
+    return 1 - (1 - args.tau) * (math.cos(math.pi * min(step / total, 1.0)) + 1) / 2
 
 
 # ---------------------------------------------------------------------------------------------
-# FEDERATED: what a client uploads, and how it takes the global model back
+# CLIENT: local update. A fresh SGD each round (EasyFL), E epochs of shuffled batches, two masked
+# views of every batch, one step per batch
+# ---------------------------------------------------------------------------------------------
+def local_update(client, lr, args):
+    model, gen = client.model, client.gen
+    params = list(model["online"].parameters()) + list(model["predictor"].parameters())  # METHOD
+    opt = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    model.train()
+    losses = []
+    for epoch in range(args.local_epochs):
+        for idx in common.batches(client.n, args.batch_size, gen):
+            x = client.x[idx]
+            v1, v2 = common.mask(x, args.mask_rate, gen), common.mask(x, args.mask_rate, gen)
+            loss = loss_fn(model, v1, v2, args)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            # METHOD: target <- tau target + (1 - tau) online, every step
+            client.state["step"] = client.state.get("step", 0) + 1
+            total = args.rounds * args.local_epochs * max(1, client.n // args.batch_size)
+            common.ema_(model["target"], model["online"], target_tau(client.state["step"], total, args))
+            losses.append(loss.item())
+    return {"loss": sum(losses) / len(losses)}
+
+
+# ---------------------------------------------------------------------------------------------
+# FEDERATED: what a client uploads, how the server aggregates, how a client takes the result back
 # ---------------------------------------------------------------------------------------------
 UPLOAD = ("online", "predictor")  # the target encoder never leaves the client
 
 
+def upload(client):
+    """CLIENT -> SERVER: copies of the UPLOAD modules' weights and the client's cell count."""
+    return {key: common.weights(client.model[key]) for key in UPLOAD}, client.n
+
+
+def aggregate(uploads):
+    """SERVER: FedAvg of each uploaded module, weighted by the clients' cell counts."""
+    states, counts = zip(*uploads)
+    return {key: common.fedavg([s[key] for s in states], counts) for key in UPLOAD}
+
+
 def divergence(global_online, online):
     """d_k = ||W_g^o - W_k^o||_2 over all trainable parameters of the online encoder g(f(.))."""
-    return torch.sqrt(sum(((global_online[k] - p.detach()) ** 2).sum()
-                          for k, p in online.named_parameters())).item()
+    return math.sqrt(sum(((global_online[k] - p.detach()) ** 2).sum().item()
+                         for k, p in online.named_parameters()))
 
 
 def decay_rate(d, state, args):
@@ -108,26 +140,28 @@ def ema_merge(local, glob, mu):
     return {k: mu * v + (1 - mu) * glob[k] if v.is_floating_point() else glob[k] for k, v in local.items()}
 
 
-def download(client, global_state, rnd, args):
+def download(client, global_state, args):
+    """SERVER -> CLIENT: the first time, the global online encoder and predictor as they are (and
+    the target starts as a copy of the online encoder); afterwards an EMA of the client's own
+    modules towards the global ones, with the same mu for both. The target stays the client's own."""
     model, state = client.model, client.state
-    if "trained" not in state:  # round 0: no local model yet -> take the global one as it is
+    if "started" not in state:
         for key in UPLOAD:
             model[key].load_state_dict(global_state[key])
         model["target"].load_state_dict(model["online"].state_dict())
-        state["trained"] = True
+        state["started"] = True
         return {}
     d = divergence(global_state["online"], model["online"])
     mu = decay_rate(d, state, args)
-    for key in UPLOAD:  # same mu for the encoder and the predictor; the target stays local
+    for key in UPLOAD:
         model[key].load_state_dict(ema_merge(model[key].state_dict(), global_state[key], mu))
     return {"mu": mu, "div": d}
 
 
 if __name__ == "__main__":
-    args = common.parse_args(Args)
     with common.user_errors():
-        t_start = time.time()
-        data = common.setup(args, "FedSC")
+        args = common.parse_args(Args)
+        data = common.setup(args)
         model = make_model(data.X.shape[1], args)  # the server's initial global model (seeded)
-        model = common.federate(args, data, model, UPLOAD, download, loss_fn, trainable, after_step)
-        common.finish(args, data, model, t_start)
+        log = common.federate(args, data, model, download, local_update, upload, aggregate)
+        common.finish(args, data, model, log)

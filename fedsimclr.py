@@ -1,7 +1,8 @@
 # FedSimCLR (FedSC paper Table 1 baseline). Docs: README.md#fedsimclrpy
 """FedSimCLR: each client trains SimCLR locally (encoder g(f(x)), NT-Xent over 2B views with 2B-2
-negatives per anchor), uploads its encoder and replaces it with the FedAvg'd global one."""
-import time
+negatives per anchor), uploads its encoder, the server averages the encoders (FedAvg), and each
+client replaces its encoder with the global one."""
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -17,19 +18,18 @@ class Args(common.FedArgs):
     # METHOD: SimCLR local training
     temperature: float = 0.07
     """NT-Xent temperature (EasyFL and contrastive-sc 0.07; SimCLR on CIFAR 0.5)"""
+    method: str = dataclasses.field(default="FedSimCLR", init=False)
+
+    def __post_init__(self):
+        common.check(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
 
 
 # ---------------------------------------------------------------------------------------------
 # METHOD: networks. Encoder g(f(x)) only
 # ---------------------------------------------------------------------------------------------
 def make_model(n_genes, args):
-    online = common.Encoder(common.backbone(n_genes), nn.Linear(60, 128))
+    online = common.Encoder(common.backbone(n_genes), nn.Linear(common.EMBED_DIM, common.PROJ_DIM))
     return nn.ModuleDict(dict(online=online))
-
-
-def trainable(model, args):
-    """The local optimizer updates the encoder."""
-    return list(model["online"].parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,27 +43,60 @@ def nt_xent(z1, z2, temperature):
     return F.cross_entropy(sim, positive)
 
 
-def loss_fn(model, v1, v2, client, args):
+def loss_fn(model, v1, v2, args):
     return nt_xent(model["online"](v1), model["online"](v2), args.temperature)
 
 
 # ---------------------------------------------------------------------------------------------
-# FEDERATED: what a client uploads, and how it takes the global model back
+# CLIENT: local update. A fresh SGD each round (EasyFL), E epochs of shuffled batches, two masked
+# views of every batch, one step per batch
+# ---------------------------------------------------------------------------------------------
+def local_update(client, lr, args):
+    model, gen = client.model, client.gen
+    params = list(model["online"].parameters())  # METHOD: what the optimizer updates
+    opt = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    model.train()
+    losses = []
+    for epoch in range(args.local_epochs):
+        for idx in common.batches(client.n, args.batch_size, gen):
+            x = client.x[idx]
+            v1, v2 = common.mask(x, args.mask_rate, gen), common.mask(x, args.mask_rate, gen)
+            loss = loss_fn(model, v1, v2, args)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return {"loss": sum(losses) / len(losses)}
+
+
+# ---------------------------------------------------------------------------------------------
+# FEDERATED: what a client uploads, how the server aggregates, how a client takes the result back
 # ---------------------------------------------------------------------------------------------
 UPLOAD = ("online",)  # everything the client has
 
 
-def download(client, global_state, rnd, args):
-    for key in UPLOAD:  # encoder <- the global one
+def upload(client):
+    """CLIENT -> SERVER: copies of the UPLOAD modules' weights and the client's cell count."""
+    return {key: common.weights(client.model[key]) for key in UPLOAD}, client.n
+
+
+def aggregate(uploads):
+    """SERVER: FedAvg of each uploaded module, weighted by the clients' cell counts."""
+    states, counts = zip(*uploads)
+    return {key: common.fedavg([s[key] for s in states], counts) for key in UPLOAD}
+
+
+def download(client, global_state, args):
+    """SERVER -> CLIENT: the encoder <- the global one."""
+    for key in UPLOAD:
         client.model[key].load_state_dict(global_state[key])
     return {}
 
 
 if __name__ == "__main__":
-    args = common.parse_args(Args)
     with common.user_errors():
-        t_start = time.time()
-        data = common.setup(args, "FedSimCLR")
+        args = common.parse_args(Args)
+        data = common.setup(args)
         model = make_model(data.X.shape[1], args)  # the server's initial global model (seeded)
-        model = common.federate(args, data, model, UPLOAD, download, loss_fn, trainable)
-        common.finish(args, data, model, t_start)
+        log = common.federate(args, data, model, download, local_update, upload, aggregate)
+        common.finish(args, data, model, log)
