@@ -28,7 +28,7 @@ import common
 import data as D
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DATASETS = ["10X_PBMC", "mouse_bladder", "baron_mouse_pancreas"]
+DATASETS = ["10X_PBMC", "mouse_bladder"]
 SHORT = {"10X_PBMC": "PBMC", "mouse_bladder": "bladder", "baron_mouse_pancreas": "Baron"}
 
 # The paper's numbers (ARI, NMI, silhouette in %), quoted beside ours.
@@ -58,7 +58,7 @@ CENTRAL = [("PCA-50 + KMeans (centralized)", "centralized.py", ["--baseline", "p
            ("PCA-raw (paper)", "centralized.py", ["--baseline", "pca_raw"]),
            ("contrastive-sc", "centralized.py", ["--baseline", "csc"]),
            ("SimCLR, one client (centralized)", "fedsimclr.py", ["--clients", "1", "--partition", "iid"])]
-RECIPES = ("paper", "tuned")
+RECIPES = ("paper", "tuned") if os.path.exists(common.RECIPES) else ("paper",)  # tuned: after `tune`
 # The tuning grid: the same for every method, on 10X PBMC only; the best mean ARI wins.
 TUNE_DATA = "10X_PBMC"
 TUNE_LRS = (0.032, 0.1, 0.3, 1.0)
@@ -144,7 +144,7 @@ def matching(df, args):
 
 def all_rows(results, experiments=EXPERIMENTS):
     """Rows of the experiment CSVs that benchmark.py writes (never runs.csv or other ad-hoc files)."""
-    frames = [pd.read_csv(os.path.join(results, f"{e}.csv")) for e in experiments
+    frames = [pd.read_csv(os.path.join(results, f"{e}.csv"), float_precision="round_trip") for e in experiments
               if os.path.exists(os.path.join(results, f"{e}.csv"))]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

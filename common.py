@@ -7,7 +7,7 @@ what a client uploads, how the server aggregates and how a client takes the glob
 
     DataArgs, FedArgs, parse_args  command-line arguments (dataclasses -> argparse), --recipe
     setup, load                    input checks, threads, seeding, config line, data, partition
-    backbone, Encoder, mask        the contrastive-sc encoder f, g(f(x)), random masking
+    backbone, Encoder, two_views   the contrastive-sc encoder f, g(f(x)), random masking
     Client, batches, weights       a client's private state; shuffled batches; copies of weights
     fedavg                         the server's cell-weighted average
     federate                       rounds x clients: download -> local update -> upload; aggregate
@@ -371,13 +371,15 @@ class Encoder(nn.Module):
         return self.g(self.f(x))
 
 
-def mask(x, p, gen):
-    """Random masking: each gene of each cell zeroed with probability p, the rest scaled by 1/(1-p)
-    (inverted dropout, as contrastive-sc's nn.Dropout); scaled data, so 0 is the gene's mean."""
+def two_views(x, p, gen):
+    """Random masking, twice: in each view every gene of every cell is zeroed with probability p,
+    independently, and the rest scaled by 1/(1-p) (inverted dropout, as contrastive-sc's
+    nn.Dropout); the data are scaled, so 0 is the gene's mean. One random draw for both views."""
     if p == 0:
-        return x
-    keep = torch.rand(x.shape, generator=gen) >= p
-    return x * keep / (1 - p)
+        return x, x
+    keep = torch.rand((2,) + x.shape, generator=gen) >= p
+    v1, v2 = x * keep / (1 - p)
+    return v1, v2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,7 +557,7 @@ def append_row(path, row):
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with _locked(path + ".lock"):
-        old = pd.read_csv(path) if os.path.exists(path) else pd.DataFrame()
+        old = pd.read_csv(path, float_precision="round_trip") if os.path.exists(path) else pd.DataFrame()
         new = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
         _write_atomic(path, lambda tmp: new.to_csv(tmp, index=False))
 

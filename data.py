@@ -175,12 +175,18 @@ def read_h5(path, label_key=None, layer=None):
         return X, _decode(y) if y is not None else None, "X"
 
 
-def _numeric(values):
-    try:
-        np.asarray(values, dtype=float)
-        return True
-    except (TypeError, ValueError):
-        return False
+def _data_not_names(names):
+    """Header or index entries that are numbers but not 0..n-1 or 1..n (what pandas or R write as
+    row/column numbers): the table has no names and its first line or column is data. pandas
+    renames repeated header entries '1', '1.1', ...: those count as numbers too."""
+    import re
+    nums = []
+    for n in names:
+        try:
+            nums.append(float(re.sub(r"^(-?[\d.]+?)(\.\d+)?$", r"\1", str(n)) if str(n).count(".") > 1 else n))
+        except (TypeError, ValueError):
+            return False
+    return len(nums) > 1 and nums != list(range(len(nums))) and nums != list(range(1, len(nums) + 1))
 
 
 def read_table(path, transpose=False):
@@ -191,13 +197,11 @@ def read_table(path, transpose=False):
         df = pd.read_csv(path, sep=sep, index_col=0)
     except Exception as e:  # pandas raises many kinds; all mean "not a readable table"
         raise DataError(f"cannot read '{path}' as a table ({type(e).__name__}: {e})") from None
-    if len(df.columns) and _numeric(df.columns):
+    if _data_not_names(list(df.columns)):
         raise DataError(f"'{path}': the first line is numbers, not names, so it looks like data; the "
                         f"table needs a header line of gene names (cell names with --transpose) and a "
                         f"first column of cell (gene) names, or its first cell and gene are lost")
-    index = np.asarray(df.index)
-    if len(index) > 1 and _numeric(index) and not np.array_equal(index.astype(float), np.arange(len(index))) \
-            and not np.array_equal(index.astype(float), np.arange(1, len(index) + 1)):
+    if _data_not_names(list(df.index)):
         raise DataError(f"'{path}': the first column is numbers but not row numbers, so it looks like "
                         f"data; the table needs a first column of cell (or gene) names")
     if transpose:

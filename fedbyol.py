@@ -88,13 +88,13 @@ def local_update(client, lr, args):
     params = list(model["online"].parameters()) + list(model["predictor"].parameters())  # METHOD
     if args.no_sg and not args.no_ema:  # Table 2's EMA-without-stop-gradient row: the target learns too
         params += list(model["target"].parameters())
-    opt = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    opt = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, fused=True)
     model.train()
     losses = []
     for epoch in range(args.local_epochs):
         for idx in common.batches(client.n, args.batch_size, gen):
             x = client.x[idx]
-            v1, v2 = common.mask(x, args.mask_rate, gen), common.mask(x, args.mask_rate, gen)
+            v1, v2 = common.two_views(x, args.mask_rate, gen)
             loss = loss_fn(model, v1, v2, args)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -91,13 +91,13 @@ def enqueue(state, keys):
 def local_update(client, lr, args):
     model, gen = client.model, client.gen
     params = list(model["online"].parameters())  # METHOD: what the optimizer updates
-    opt = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    opt = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, fused=True)
     model.train()
     losses = []
     for epoch in range(args.local_epochs):
         for idx in common.batches(client.n, args.batch_size, gen):
             x = client.x[idx]
-            v1, v2 = common.mask(x, args.mask_rate, gen), common.mask(x, args.mask_rate, gen)
+            v1, v2 = common.two_views(x, args.mask_rate, gen)
             common.ema_(model["key"], model["online"], args.m)  # METHOD: key <- m key + (1-m) query
             loss, keys = loss_fn(model, v1, v2, client.state["queue"].clone(), args)
             opt.zero_grad(set_to_none=True)

@@ -54,13 +54,13 @@ def loss_fn(model, v1, v2, args):
 def local_update(client, lr, args):
     model, gen = client.model, client.gen
     params = list(model["online"].parameters())  # METHOD: what the optimizer updates
-    opt = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    opt = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, fused=True)
     model.train()
     losses = []
     for epoch in range(args.local_epochs):
         for idx in common.batches(client.n, args.batch_size, gen):
             x = client.x[idx]
-            v1, v2 = common.mask(x, args.mask_rate, gen), common.mask(x, args.mask_rate, gen)
+            v1, v2 = common.two_views(x, args.mask_rate, gen)
             loss = loss_fn(model, v1, v2, args)
             opt.zero_grad(set_to_none=True)
             loss.backward()

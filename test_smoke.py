@@ -1,28 +1,38 @@
-"""Tests: every script end to end as a subprocess with tiny settings, and reference checks of the
-pieces that decide the results (FedAvg, FedSC's mu and merge, losses, partition, HVGs, masking).
+"""Tests: every script end to end as a subprocess with tiny settings; in-process checks of the input
+errors; reference checks of the pieces that decide the results (FedAvg, FedSC's mu and merge, the
+losses against naive loops, stop-gradients, schedules, partition, HVGs, masking); a learning test
+per method; what crosses from clients to the server; the benchmark's cache and tables.
 Run: python -m pytest -q test_smoke.py   (real-data tests read $FEDSC_DATA_DIR, default ./data)"""
 import copy
 import importlib
+import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import adjusted_rand_score
 
 import common
 import data as D
 
+torch.set_num_threads(1)  # as every script does: this small MLP is slower on two threads
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REAL = os.environ.get("FEDSC_DATA_DIR", os.path.join(ROOT, "data"))
 BLADDER = os.path.join(REAL, "mouse_bladder_cell_top2000.h5")
 TINY = ["--rounds", "2", "--local-epochs", "1", "--batch-size", "64", "--n-genes", "100"]
 SCRIPTS = [("fedsc.py", []), ("fedbyol.py", []), ("fedsimclr.py", []), ("fedmoco.py", ["--version", "1"]),
            ("fedmoco.py", ["--version", "2"]), ("fedsimsiam.py", [])]
+METHODS = [("fedsimclr", []), ("fedmoco", []), ("fedmoco", ["--version", "2"]), ("fedsimsiam", []),
+           ("fedbyol", []), ("fedsc", [])]
 
 
 def run(args, env=None):
@@ -30,17 +40,28 @@ def run(args, env=None):
     return subprocess.run([sys.executable] + args, cwd=ROOT, capture_output=True, text=True, env=e, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    X, y = D.synthetic_counts(n_cells=300, n_genes=200, n_types=4, seed=0)
-    path = tmp_path_factory.mktemp("data") / "synth.h5"
+def write_h5(path, X, y=None, **extra):
     with h5py.File(path, "w") as f:
-        f["X"], f["Y"] = X, y + 1
+        f["X"] = X
+        if y is not None:
+            f["Y"] = y
+        for k, v in extra.items():
+            f[k] = v
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    X, y = D.synthetic_counts(n_cells=300, n_genes=200, n_types=4, seed=0)
+    return write_h5(tmp_path_factory.mktemp("data") / "synth.h5", X, y + 1)
+
+
 def rows(csv):
-    return pd.read_csv(csv) if os.path.exists(csv) else pd.DataFrame()
+    return pd.read_csv(csv, float_precision="round_trip") if os.path.exists(csv) else pd.DataFrame()
+
+
+def parse(name, argv=()):
+    return common.parse_args(importlib.import_module(name).Args, list(argv))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,10 +74,18 @@ def test_script_end_to_end_synthetic(script, extra, synth, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "round 2/2" in p.stdout and "final" in p.stdout
     r = rows(out)
-    assert len(r) == 1 and 0 <= r["ari"][0] <= 100 and r["rounds"][0] == 2
+    assert len(r) == 1 and r["rounds"][0] == 2 and r["status"][0] == "ok"
     run_dir = os.path.join(tmp_path, "runs", r["run"][0])
-    assert np.load(os.path.join(run_dir, "embedding.npy")).shape == (300, 60)
-    assert len(pd.read_csv(os.path.join(run_dir, "clusters.csv"))) == 300
+    assert " " not in r["run"][0]
+    assert np.load(os.path.join(run_dir, "embedding.npy")).shape == (300, common.EMBED_DIM)
+    cl = pd.read_csv(os.path.join(run_dir, "clusters.csv"))
+    assert len(cl) == 300 and list(cl["cell"]) == list(range(300))
+    # the row's ARI is the one of the clusters it saved, against the input's labels
+    assert r["ari"][0] == pytest.approx(100 * adjusted_rand_score(cl["label"], cl["cluster"]))
+    assert sorted(set(cl["label_name"])) == ["1", "2", "3", "4"]
+    log = pd.read_csv(os.path.join(run_dir, "rounds.csv"))
+    assert len(log) == 2 * 2 and set(log["client"]) == {0, 1} and np.isfinite(log["loss"]).all()
+    assert r["code"][0] == common.code_hash(os.path.join(ROOT, script))
 
 
 @pytest.mark.skipif(not os.path.exists(BLADDER), reason="real bladder file not available")
@@ -68,16 +97,32 @@ def test_fedsc_on_real_bladder(tmp_path):
     assert "2746 cells x 1500 genes, 16 types" in p.stdout
     r = rows(out)
     assert r["ari"][0] > 1 and r["types_per_client"][0] == 4 and r["n_genes"][0] == 1500
-    assert "mu 0.700" in p.stdout  # round 2 is every client's first EMA download: mu = alpha
+    assert "mu 0.700/0.700/0.700/0.700" in p.stdout  # round 2 is every client's first EMA: mu = alpha
 
 
-@pytest.mark.parametrize("baseline", ["pca", "pca_raw", "csc"])
-def test_centralized_baselines(baseline, synth, tmp_path):
+@pytest.mark.skipif(not os.path.exists(BLADDER), reason="real bladder file not available")
+def test_benchmark_file_by_path_gets_the_benchmarks_defaults(tmp_path):
+    args = parse("fedsc", ["--data", BLADDER, "--out", str(tmp_path / "r.csv")])
+    common.resolve(args, os.path.join(ROOT, "fedsc.py"))
+    assert args.n_genes == 1500 and args.types_per_client == 4
+
+
+@pytest.mark.parametrize("baseline,dim", [("pca", 50), ("pca_raw", 2), ("csc", common.EMBED_DIM)])
+def test_centralized_baselines(baseline, dim, synth, tmp_path):
+    from sklearn.decomposition import PCA
     out = str(tmp_path / "r.csv")
     p = run(["centralized.py", "--data", synth, "--baseline", baseline, "--epochs", "2", "--n-genes", "100",
              "--out", out])
     assert p.returncode == 0, p.stderr
-    assert rows(out)["method"][0] in ("PCA", "PCA-raw (paper)", "contrastive-sc")
+    r = rows(out)
+    assert r["method"][0] == {"pca": "PCA", "pca_raw": "PCA-raw (paper)", "csc": "contrastive-sc"}[baseline]
+    h = np.load(os.path.join(tmp_path, "runs", r["run"][0], "embedding.npy"))
+    assert h.shape == (300, dim) and "rounds" not in r and "clients" not in r
+    if baseline != "csc":  # the same embedding computed here, from the baseline's definition
+        X, y, _, _ = D.read_counts(synth)
+        Xin = D.preprocess(X, 100)[0] if baseline == "pca" else np.ceil(X.astype(np.float64))
+        ref = PCA(dim, random_state=0).fit_transform(Xin)
+        assert np.allclose(np.abs(h), np.abs(ref), atol=1e-4)
 
 
 def test_same_seed_same_metrics_other_seed_differs(synth, tmp_path):
@@ -88,89 +133,166 @@ def test_same_seed_same_metrics_other_seed_differs(synth, tmp_path):
     assert r.loc[0, ["ari", "nmi", "sil", "ch"]].tolist() == r.loc[1, ["ari", "nmi", "sil", "ch"]].tolist()
     assert r.loc[0, "ch"] != r.loc[2, "ch"]
     assert r.loc[0, "config_id"] == r.loc[1, "config_id"] != r.loc[2, "config_id"]
+    assert r.loc[0, "run"] != r.loc[1, "run"]  # two runs never share a folder
 
 
 def test_eval_every_does_not_change_the_run(synth, tmp_path):
-    """Evaluating the global model during training must not touch the clients or the RNG."""
+    """Evaluating the global model during training must not touch the clients or their RNGs."""
     out = str(tmp_path / "r.csv")
     for extra in ([], ["--eval-every", "1"]):
         p = run(["fedsc.py", "--data", synth, "--clients", "2", "--rounds", "3", "--out", out] + TINY[2:] + extra)
         assert p.returncode == 0, p.stderr
-    assert "ARI" in p.stdout.split("round 1/3")[1].splitlines()[0]
+    first = p.stdout.split("round 1/3")[1].splitlines()[0]
+    assert "ari" in first and "erank" in first
     r = rows(out)
     assert r.loc[0, ["ari", "nmi", "sil", "ch"]].tolist() == r.loc[1, ["ari", "nmi", "sil", "ch"]].tolist()
 
 
-def test_unlabelled_data_reports_label_free_metrics(tmp_path):
+def test_unlabelled_genes_by_cells_csv(tmp_path):
     X, _ = D.synthetic_counts(n_cells=200, n_genes=150, seed=1)
     path = tmp_path / "counts.csv"
-    pd.DataFrame(X.T, index=[f"g{i}" for i in range(150)]).to_csv(path)  # genes x cells, as R writes
+    pd.DataFrame(X.T, index=[f"g{i}" for i in range(150)],
+                 columns=[f"cell{i}" for i in range(200)]).to_csv(path)  # genes x cells, as R writes
     out = str(tmp_path / "r.csv")
     p = run(["fedsc.py", "--data", str(path), "--transpose", "--partition", "iid", "--n-clusters", "3",
              "--clients", "2", "--out", out] + TINY)
     assert p.returncode == 0, p.stderr
     r = rows(out)
-    assert "ari" not in r.columns and np.isfinite(r["sil"][0])
+    assert "ari" not in r.columns and np.isfinite(r["sil"][0]) and len(pd.read_csv(
+        os.path.join(tmp_path, "runs", r["run"][0], "clusters.csv"))) == 200
+
+
+def test_diverged_run_says_so_and_records_it(synth, tmp_path):
+    out = str(tmp_path / "r.csv")
+    p = run(["fedsimclr.py", "--data", synth, "--clients", "2", "--out", out, "--lr", "1e30"] + TINY)
+    assert p.returncode == 3 and p.stderr.startswith("diverged: ") and "Traceback" not in p.stderr
+    r = rows(out)
+    assert r["status"].tolist() == ["diverged"] and "ari" not in r
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad input: one line, non-zero exit, no traceback, no results row
+# Bad input: one `error:` line, exit 2, no traceback, no row, before any training
 # ---------------------------------------------------------------------------------------------
 def _bad_files(tmp):
     X, y = D.synthetic_counts(n_cells=50, n_genes=40, n_types=4, seed=0)
-    files = {}
-    for name, Xb, yb in [("neg", -X, y), ("nan", np.where(X > 3, np.nan, X), y), ("short", X, y[:-5])]:
-        files[name] = str(tmp / f"{name}.h5")
-        with h5py.File(files[name], "w") as f:
-            f["X"], f["Y"] = Xb, yb
-    files["nocounts"] = str(tmp / "nocounts.h5")
-    with h5py.File(files["nocounts"], "w") as f:
-        f["Y"] = y
-    files["junk"] = str(tmp / "junk.h5")
-    open(files["junk"], "w").write("not hdf5")
-    files["tiny"] = str(tmp / "tiny.h5")
-    with h5py.File(files["tiny"], "w") as f:
-        f["X"], f["Y"] = X[:3], y[:3]
-    return files
+    f = {"neg": write_h5(tmp / "neg.h5", -X, y), "nan": write_h5(tmp / "nan.h5", np.where(X > 3, np.nan, X), y),
+         "short": write_h5(tmp / "short.h5", X, y[:-5]), "ok": write_h5(tmp / "ok.h5", X, y),
+         "tiny": write_h5(tmp / "tiny.h5", X[:3], y[:3]), "lognorm": write_h5(tmp / "lognorm.h5", np.log1p(X), y)}
+    with h5py.File(tmp / "nocounts.h5", "w") as h:
+        h["Y"] = y
+    f["nocounts"] = str(tmp / "nocounts.h5")
+    (tmp / "junk.h5").write_text("not hdf5")
+    f["junk"] = str(tmp / "junk.h5")
+    pd.DataFrame(X).to_csv(tmp / "noheader.csv", header=False, index=False)
+    f["noheader"] = str(tmp / "noheader.csv")
+    pd.DataFrame(X.T, index=[f"ENSG{i:011d}" for i in range(40)], columns=[f"c{i}" for i in range(50)]).to_csv(tmp / "gxc.csv")
+    f["gxc"] = str(tmp / "gxc.csv")
+    pd.DataFrame(X, index=[f"c{i}" for i in range(50)], columns=[f"g{i}" for i in range(40)]).to_csv(tmp / "cxg.csv")
+    (tmp / "labels40.txt").write_text("\n".join("ab"[i % 2] for i in range(40)))
+    f["cxg"], f["labels40"] = str(tmp / "cxg.csv"), str(tmp / "labels40.txt")
+    (tmp / "notresults.csv").write_text("a,b\n1,2\n")
+    f["notresults"] = str(tmp / "notresults.csv")
+    return f
 
 
-@pytest.mark.parametrize("case,args,expect", [
-    ("missing", ["--data", "/nonexistent/file.h5"], "does not exist"),
-    ("unknown name", ["--data", "PBMC_68k"], "unknown dataset name"),
-    ("junk", ["--data", "{junk}"], "neither HDF5"),
-    ("no counts", ["--data", "{nocounts}"], "holds no counts"),
-    ("negative", ["--data", "{neg}"], "negative"),
-    ("nan", ["--data", "{nan}"], "NaN"),
-    ("label length", ["--data", "{short}"], "45 labels for 50 cells"),
-    ("fewer cells than clients", ["--data", "{tiny}", "--clients", "8", "--partition", "iid"], "3 cells for 8 clients"),
-    ("too many types", ["--data", "{neg}", "--types-per-client", "9"], "is more than the 4"),
-    ("client with one cell", ["--data", "{tiny}", "--clients", "3", "--partition", "iid", "--n-genes", "10"],
+BAD = [  # (case, script, arguments, part of the message)
+    ("missing file", "fedsc", ["--data", "/nonexistent/file.h5"], "does not exist"),
+    ("unknown name", "fedsc", ["--data", "PBMC_68k"], "unknown dataset name"),
+    ("not hdf5 or table", "fedsc", ["--data", "{junk}"], "neither HDF5"),
+    ("no counts", "fedsc", ["--data", "{nocounts}"], "holds no counts"),
+    ("negative", "fedsc", ["--data", "{neg}"], "negative"),
+    ("nan", "fedsc", ["--data", "{nan}"], "NaN"),
+    ("log-normalised", "fedsc", ["--data", "{lognorm}"], "not integers"),
+    ("label length", "fedsc", ["--data", "{short}"], "45 labels for 50 cells"),
+    ("csv without header", "fedsc", ["--data", "{noheader}", "--n-clusters", "2"], "first line is numbers"),
+    ("genes x cells without --transpose", "fedsc", ["--data", "{gxc}", "--n-clusters", "2"], "pass --transpose"),
+    ("labels match the columns", "fedsc", ["--data", "{cxg}", "--labels", "{labels40}"], "probably genes x cells"),
+    ("--layer on a plain h5", "fedsc", ["--data", "{ok}", "--layer", "counts"], "--layer is for .h5ad"),
+    ("fewer cells than clients", "fedsc", ["--data", "{tiny}", "--clients", "8", "--partition", "iid"], "3 cells for 8 clients"),
+    ("too many types", "fedsc", ["--data", "{ok}", "--types-per-client", "9"], "is more than the 4"),
+    ("client with one cell", "fedsc", ["--data", "{tiny}", "--clients", "3", "--partition", "iid", "--n-genes", "10"],
      "every client needs at least 2"),
-])
-def test_bad_input(case, args, expect, tmp_path):
-    files = _bad_files(tmp_path)
-    args = [a.format(**files) for a in args]
-    if case == "too many types":  # a valid file, an impossible partition
-        X, y = D.synthetic_counts(n_cells=50, n_genes=40, n_types=4, seed=0)
-        args[1] = str(tmp_path / "ok.h5")
-        with h5py.File(args[1], "w") as f:
-            f["X"], f["Y"] = X, y
+    ("batch size 1", "fedsc", ["--data", "{ok}", "--batch-size", "1"], "--batch-size must be at least 2"),
+    ("negative n-genes", "fedsc", ["--data", "{ok}", "--n-genes", "-5"], "--n-genes must be positive"),
+    ("n-clusters 1", "fedsc", ["--data", "{ok}", "--n-clusters", "1"], "--n-clusters must be at least 2"),
+    ("n-clusters above cells", "fedsc", ["--data", "{ok}", "--n-clusters", "80"], "more than the 50 cells"),
+    ("negative seed", "fedsc", ["--data", "{ok}", "--seed", "-1"], "--seed must be 0 or more"),
+    ("dirichlet alpha 0", "fedsc", ["--data", "{ok}", "--partition", "dirichlet", "--dirichlet-alpha", "0"],
+     "--dirichlet-alpha must be positive"),
+    ("queue size 0", "fedmoco", ["--data", "{ok}", "--queue-size", "0"], "--queue-size must be at least 1"),
+    ("temperature 0", "fedsimclr", ["--data", "{ok}", "--temperature", "0"], "--temperature must be positive"),
+    ("temperature negative (moco)", "fedmoco", ["--data", "{ok}", "--temperature", "-1"], "--temperature must be positive"),
+    ("eval-every negative", "fedsc", ["--data", "{ok}", "--eval-every", "-1"], "--eval-every must be 0"),
+    ("centralized threads 0", "centralized", ["--data", "{ok}", "--threads", "0"], "--threads must be at least 1"),
+    ("centralized n-components 0", "centralized", ["--data", "{ok}", "--n-components", "0"], "--n-components must be at least 1"),
+    ("out is a directory", "fedsc", ["--data", "{ok}", "--out", "{dir}"], "is a directory"),
+    ("out is not a results csv", "fedsc", ["--data", "{ok}", "--out", "{notresults}"], "not a results CSV"),
+    ("out not writable", "fedsc", ["--data", "{ok}", "--out", "/proc/fedsc/r.csv"], "cannot write"),
+]
+
+
+def _setup_only(name, argv):
+    """What a script does before training: parse, check, resolve, load, partition."""
+    args = common.parse_args(importlib.import_module(name).Args, argv)
+    if name == "centralized":
+        common.check_args(args)
+        common.resolve(args, os.path.join(ROOT, "centralized.py"))
+        return common.load(args)
+    return common.setup(args)
+
+
+@pytest.mark.parametrize("case,name,argv,expect", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_is_refused_before_training(case, name, argv, expect, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDSC_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(sys.modules["__main__"], "__file__", os.path.join(ROOT, f"{name}.py"), raising=False)
+    files = dict(_bad_files(tmp_path), dir=str(tmp_path))
+    argv = [a.format(**files) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "r.csv")]
+    with pytest.raises(D.DataError, match=expect.replace("(", r"\(").replace("+", r"\+")):
+        _setup_only(name, argv)
+    assert not os.path.exists(tmp_path / "r.csv")
+
+
+def test_bad_input_exit_code_contract(tmp_path):
+    """One subprocess: exit 2, a single `error:` line, no traceback, no row, no run folder."""
     out = str(tmp_path / "r.csv")
-    p = run(["fedsc.py", "--out", out, "--rounds", "1"] + args, env={"FEDSC_DATA_DIR": str(tmp_path)})
+    bad = write_h5(tmp_path / "lognorm.h5", np.log1p(D.synthetic_counts(50, 40, seed=0)[0]), np.arange(50) % 2)
+    p = run(["fedsc.py", "--data", bad, "--out", out])
     assert p.returncode == 2, (p.stdout, p.stderr)
-    assert expect in p.stderr and "Traceback" not in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error: ")
-    assert not os.path.exists(out)
+    assert p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1 and "not integers" in p.stderr
+    assert not os.path.exists(out) and not os.path.exists(tmp_path / "runs")
+
+
+def test_n_genes_above_the_gene_count_says_what_is_used(capsys):
+    X, _ = D.synthetic_counts(n_cells=60, n_genes=30, seed=0)
+    assert D.preprocess(X, 500)[0].shape[1] == 30
+    assert "using all of them" in capsys.readouterr().out
 
 
 def test_cli_flags_parse():
-    fedbyol, fedmoco = importlib.import_module("fedbyol"), importlib.import_module("fedmoco")
-    a = common.parse_args(fedbyol.Args, ["--no-ema", "--no_sg", "--local-epochs", "7", "--no-l2norm"])
+    a = parse("fedbyol", ["--no-ema", "--no_sg", "--local-epochs", "7", "--no-l2norm"])
     assert a.no_ema and a.no_sg and not a.no_predictor and a.local_epochs == 7 and not a.l2norm
-    assert not common.parse_args(fedmoco.Args, ["--no-symmetric"]).symmetric
-    assert common.parse_args(fedmoco.Args, ["--version", "2"]).version == 2
+    assert not parse("fedmoco", ["--no-symmetric"]).symmetric
+    m2 = parse("fedmoco", ["--version", "2"])
+    assert m2.version == 2 and m2.temperature == 0.2 and m2.method == "FedMoCoV2"  # resolved once
+    assert parse("fedmoco", []).temperature == 0.07 and parse("fedmoco", ["--temperature", "0.5"]).temperature == 0.5
     with pytest.raises(SystemExit):
-        common.parse_args(fedmoco.Args, ["--version", "3"])
+        parse("fedmoco", ["--version", "3"])
+    assert "clients" not in vars(parse("centralized")) and "rounds" not in vars(parse("centralized"))
+
+
+def test_recipe_tuned_reads_recipes_and_explicit_flags_win(tmp_path, monkeypatch):
+    path = tmp_path / "recipes.json"
+    path.write_text('{"recipes": {"FedSC": {"lr": 0.25, "rounds": 77, "local_epochs": 3}}}')
+    monkeypatch.setattr(common, "RECIPES", str(path))
+    a = parse("fedsc", ["--recipe", "tuned"])
+    assert (a.lr, a.rounds, a.local_epochs) == (0.25, 77, 3)
+    a = parse("fedsc", ["--recipe", "tuned", "--rounds", "5"])
+    assert (a.lr, a.rounds) == (0.25, 5)
+    assert parse("fedsc", []).lr == 0.032  # the paper's recipe is the default
+    with pytest.raises(D.DataError, match="no tuned recipe for FedBYOL"):
+        parse("fedbyol", ["--recipe", "tuned"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +304,8 @@ def test_download_failure_says_where_to_put_the_file(tmp_path, monkeypatch):
     with pytest.raises(D.DataError, match=f"put the file at {tmp_path}"):
         D.resolve_data("10X_PBMC")
     assert os.listdir(tmp_path) == []  # nothing half-written
+    with pytest.raises(D.DataError, match="not downloadable"):
+        D.resolve_data("baron_mouse_pancreas")
 
 
 @pytest.mark.skipif(not os.path.exists(BLADDER), reason="real bladder file not available")
@@ -199,39 +323,73 @@ def test_download_verifies_checksum_and_writes_atomically(tmp_path, monkeypatch)
 # ---------------------------------------------------------------------------------------------
 # Readers
 # ---------------------------------------------------------------------------------------------
+def _h5ad(path, X, layers=None, raw=None, obs=None):
+    def put(group, name, M):
+        if sp.issparse(M):
+            g = group.create_group(name)
+            g.attrs["encoding-type"], g.attrs["shape"] = "csr_matrix", M.shape
+            g["data"], g["indices"], g["indptr"] = M.data, M.indices, M.indptr
+        else:
+            group[name] = M
+    with h5py.File(path, "w") as f:
+        put(f, "X", X)
+        for k, v in (layers or {}).items():
+            put(f.require_group("layers"), k, v)
+        if raw is not None:
+            put(f.create_group("raw"), "X", raw)
+        o = f.create_group("obs")
+        for k, v in (obs or {}).items():
+            o[k] = v
+    return str(path)
+
+
 def test_h5ad_reader_dense_and_csr_with_categorical_obs(tmp_path):
-    import scipy.sparse as sp
     X, y = D.synthetic_counts(n_cells=60, n_genes=30, seed=2)
     names = np.array(["B", "NK", "T", "mono"])
     for layout in ("dense", "csr"):
-        path = str(tmp_path / f"{layout}.h5ad")
-        with h5py.File(path, "w") as f:
-            if layout == "dense":
-                f["X"] = X
-            else:
-                m = sp.csr_matrix(X)
-                g = f.create_group("X")
-                g.attrs["encoding-type"], g.attrs["shape"] = "csr_matrix", X.shape
-                g["data"], g["indices"], g["indptr"] = m.data, m.indices, m.indptr
-            obs = f.create_group("obs")
-            obs.create_group("cell_type")
-            obs["cell_type"]["codes"] = y.astype(np.int8)
-            obs["cell_type"]["categories"] = names.astype("S")
-            obs["plain"] = names[y].astype("S")
-        Xr, yr = D.read_counts(path, label_key="cell_type")
+        path = _h5ad(tmp_path / f"{layout}.h5ad", X if layout == "dense" else sp.csr_matrix(X),
+                     obs={"plain": names[y].astype("S")})
+        with h5py.File(path, "a") as f:
+            f["obs"].create_group("cell_type")
+            f["obs"]["cell_type"]["codes"] = y.astype(np.int8)
+            f["obs"]["cell_type"]["categories"] = names.astype("S")
+        Xr, yr, label_names, used = D.read_counts(path, label_key="cell_type")
         Xr = Xr.toarray() if sp.issparse(Xr) else Xr
-        assert np.array_equal(Xr, X) and np.array_equal(yr, y)
-        assert np.array_equal(D.read_counts(path, label_key="plain")[1], y)
+        assert np.array_equal(Xr, X) and np.array_equal(yr, y) and list(label_names) == list(names)
+        assert used == "X" and np.array_equal(D.read_counts(path, label_key="plain")[1], y)
         with pytest.raises(D.DataError, match="no column 'donor'"):
             D.read_counts(path, label_key="donor")
 
 
+def test_h5ad_layer_and_raw_hold_the_counts(tmp_path):
+    X, y = D.synthetic_counts(n_cells=40, n_genes=20, seed=4)
+    lib = X.sum(1, keepdims=True)
+    norm = np.log1p(X / lib * 1e4).astype(np.float32)
+    path = _h5ad(tmp_path / "n.h5ad", norm, layers={"counts": sp.csr_matrix(X)}, raw=X)
+    with pytest.raises(D.DataError, match="not integers.*--layer"):
+        D.read_counts(path)
+    for layer, used in (("counts", "layers/counts"), ("raw", "raw/X")):
+        Xr, _, _, what = D.read_counts(path, layer=layer)
+        assert what.startswith(used) and np.array_equal(Xr.toarray() if sp.issparse(Xr) else Xr, X)
+    with pytest.raises(D.DataError, match="no layers/spliced; layers are: counts"):
+        D.read_counts(path, layer="spliced")
+
+
+def test_h5_transpose_and_label_names(tmp_path):
+    X, y = D.synthetic_counts(n_cells=30, n_genes=20, seed=5)
+    names = np.array(["alpha", "beta", "delta", "gamma"])
+    path = write_h5(tmp_path / "t.h5", X.T, y, label_names=names.astype("S"))
+    Xr, yr, ln, _ = D.read_counts(path, transpose=True)
+    assert np.array_equal(Xr, X) and list(ln) == list(names[np.unique(y)]) and np.array_equal(ln[yr], names[y])
+
+
 def test_csv_reader_with_labels_file(tmp_path):
     X, y = D.synthetic_counts(n_cells=40, n_genes=20, seed=3)
-    pd.DataFrame(X).to_csv(tmp_path / "c.csv")
+    pd.DataFrame(X).to_csv(tmp_path / "c.csv")  # a row-number index column, as pandas writes
     pd.Series(np.array(["a", "b", "c", "d"])[y], name="label").to_csv(tmp_path / "l.csv", index=False)
-    Xr, yr = D.read_counts(str(tmp_path / "c.csv"), labels=str(tmp_path / "l.csv"))
+    Xr, yr, names, _ = D.read_counts(str(tmp_path / "c.csv"), labels=str(tmp_path / "l.csv"))
     assert np.allclose(Xr, X) and np.array_equal(yr, np.unique(y, return_inverse=True)[1])
+    assert list(names) == ["a", "b", "c", "d"][: len(np.unique(y))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +422,8 @@ def test_hvg_matches_pandas_computation():
         assert ours.sum() >= n
 
 
+
+
 def test_preprocess_scales_each_gene():
     X, _ = D.synthetic_counts(n_cells=200, n_genes=150, seed=6)
     X[:, 0] = 0  # an empty gene is removed first
@@ -272,15 +432,31 @@ def test_preprocess_scales_each_gene():
     assert np.allclose(Xp.mean(0), 0, atol=1e-5) and np.allclose(Xp.std(0, ddof=1), 1, atol=1e-4)
 
 
+def test_preprocess_sparse_equals_dense_and_a_direct_computation():
+    X, _ = D.synthetic_counts(n_cells=150, n_genes=120, seed=7)
+    X[3] = 0  # an empty cell is removed
+    dense, cells, genes = D.preprocess(X, 40)
+    sparse, cells2, genes2 = D.preprocess(sp.csr_matrix(X), 40)
+    assert np.array_equal(cells, cells2) and np.array_equal(genes, genes2) and np.array_equal(dense, sparse)
+    assert 3 not in cells
+    # the same steps written out densely, gene selection from the pandas reference
+    Xc = X[cells][:, X.sum(0) >= 1]
+    lib = Xc.sum(1, keepdims=True)
+    L = np.log1p(Xc * np.median(lib) / lib)
+    sel = hvg_direct(L, 40)
+    ref = (L[:, sel] - L[:, sel].mean(0)) / L[:, sel].std(0, ddof=1)
+    assert np.allclose(dense, ref, atol=1e-5)
+
+
 def test_mask_rate_and_scaling():
     x = torch.ones(400, 500)
     g = torch.Generator().manual_seed(0)
     for p in (0.5, 0.9):
-        v = common.mask(x, p, g)
-        assert abs((v == 0).float().mean().item() - p) < 0.01
-        assert torch.allclose(v[v != 0], torch.tensor(1 / (1 - p)))
-    a, b = common.mask(x, 0.9, g), common.mask(x, 0.9, g)
-    assert not torch.equal(a, b)  # two views get independent masks
+        for v in common.two_views(x, p, g):
+            assert abs((v == 0).float().mean().item() - p) < 0.01
+            assert torch.allclose(v[v != 0], torch.tensor(1 / (1 - p)))
+    a, b = common.two_views(x, 0.9, g)
+    assert not torch.equal(a, b) and abs(((a == 0) & (b == 0)).float().mean().item() - 0.81) < 0.01  # independent
 
 
 def test_partition_class_heap():
@@ -323,7 +499,7 @@ def test_batching_rule():
 
 
 # ---------------------------------------------------------------------------------------------
-# Aggregation and FedSC's download rule
+# Aggregation, schedules, FedSC's download rule
 # ---------------------------------------------------------------------------------------------
 def test_fedavg_is_cell_weighted_mean_including_bn_stats():
     torch.manual_seed(0)
@@ -339,15 +515,34 @@ def test_fedavg_is_cell_weighted_mean_including_bn_stats():
     assert "1.running_mean" in avg and not torch.allclose(avg["1.running_mean"], states[0]["1.running_mean"])
 
 
+def test_lr_and_tau_schedules_follow_their_formulas():
+    a = parse("fedbyol", ["--rounds", "10", "--lr", "0.2"])
+    lrs = [common.learning_rate(a, t) for t in range(10)]
+    assert lrs == pytest.approx([0.1 * (1 + math.cos(math.pi * t / 10)) for t in range(10)])
+    assert common.learning_rate(parse("fedbyol", ["--lr-schedule", "constant", "--lr", "0.2"]), 7) == 0.2
+    fedbyol = importlib.import_module("fedbyol")
+    c = parse("fedbyol", ["--tau-schedule", "cosine", "--tau", "0.9"])
+    taus = [fedbyol.target_tau(k, 40, c) for k in (0, 10, 20, 40, 50)]
+    assert taus == pytest.approx([0.9, 1 - 0.1 * (math.cos(math.pi / 4) + 1) / 2, 0.95, 1.0, 1.0])
+    assert fedbyol.target_tau(13, 40, parse("fedbyol")) == 0.99
+
+
+def test_ema_update_follows_its_formula():
+    on, tg = common.backbone(5), common.backbone(5)
+    want = {k: 0.99 * p.detach() + 0.01 * dict(on.named_parameters())[k].detach() for k, p in tg.named_parameters()}
+    common.ema_(tg, on, 0.99)
+    assert all(torch.allclose(p, want[k]) for k, p in tg.named_parameters())
+
+
 def test_fedsc_mu_rule_and_ema_merge():
     fedsc = importlib.import_module("fedsc")
-    args = common.parse_args(fedsc.Args, [])
+    args = parse("fedsc")
     state = {}
     assert fedsc.decay_rate(2.0, state, args) == pytest.approx(0.7)  # first EMA: mu = alpha
     assert state["lam"] == pytest.approx(0.35)
     assert fedsc.decay_rate(1.0, state, args) == pytest.approx(0.35)  # lambda frozen: mu = lambda d
     assert fedsc.decay_rate(5.0, state, args) == 1.0  # capped at 1
-    lit = common.parse_args(fedsc.Args, ["--mu-rule", "literal"])
+    lit = parse("fedsc", ["--mu-rule", "literal"])
     assert fedsc.decay_rate(2.0, {}, lit) == pytest.approx(0.35) and fedsc.decay_rate(0.5, {}, lit) == 1.0
     local = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
     glob = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}
@@ -358,19 +553,23 @@ def test_fedsc_mu_rule_and_ema_merge():
     assert fedsc.divergence(a.state_dict(), b) == pytest.approx(flat.norm().item(), rel=1e-5)
 
 
-def test_fedsc_download_round0_then_merge():
-    fedsc = importlib.import_module("fedsc")
-    args = common.parse_args(fedsc.Args, [])
+def _client(name, argv=(), n_genes=20, n=16):
+    mod = importlib.import_module(name)
+    args = parse(name, argv)
     torch.manual_seed(0)
-    model = fedsc.make_model(20, args)
-    client = common.Client(0, torch.randn(10, 20), copy.deepcopy(model), {})
-    glob = {k: copy.deepcopy(model[k].state_dict()) for k in fedsc.UPLOAD}
-    assert fedsc.download(client, glob, 0, args) == {}
+    model = mod.make_model(n_genes, args)
+    return mod, args, common.make_client(0, torch.randn(n, n_genes), model, 0)
+
+
+def test_fedsc_download_round0_then_merge():
+    fedsc, args, client = _client("fedsc")
+    glob = {k: common.weights(client.model[k]) for k in fedsc.UPLOAD}
+    assert fedsc.download(client, glob, args) == {}
     with torch.no_grad():
         for p in client.model["online"].parameters():
             p.add_(0.1)  # pretend local training moved the weights
     before = copy.deepcopy(client.model["online"].state_dict())
-    log = fedsc.download(client, glob, 1, args)
+    log = fedsc.download(client, glob, args)
     assert log["mu"] == pytest.approx(0.7)
     after = client.model["online"].state_dict()
     for k in before:
@@ -380,16 +579,8 @@ def test_fedsc_download_round0_then_merge():
     assert all(torch.equal(target[k], glob["online"][k]) for k in target)
 
 
-def test_fedsc_ema_target_update():
-    fedsc = importlib.import_module("fedsc")
-    on, tg = common.backbone(5), common.backbone(5)
-    want = {k: 0.99 * p.detach() + 0.01 * dict(on.named_parameters())[k].detach() for k, p in tg.named_parameters()}
-    fedsc.ema_(tg, on, 0.99)
-    assert all(torch.allclose(p, want[k]) for k, p in tg.named_parameters())
-
-
 # ---------------------------------------------------------------------------------------------
-# Baselines: losses, queue, stop-gradient, what is uploaded
+# Losses against naive loops; stop-gradients
 # ---------------------------------------------------------------------------------------------
 def test_nt_xent_matches_naive_loop():
     fedsimclr = importlib.import_module("fedsimclr")
@@ -402,6 +593,67 @@ def test_nt_xent_matches_naive_loop():
         den = sum(torch.exp(z[i] @ z[j] / t) for j in range(2 * n) if j != i)
         total += -torch.log(torch.exp(z[i] @ z[pos] / t) / den)
     assert fedsimclr.nt_xent(z1, z2, t).item() == pytest.approx(total.item() / (2 * n), rel=1e-5)
+
+
+def test_moco_contrast_matches_naive_loop():
+    fedmoco = importlib.import_module("fedmoco")
+    torch.manual_seed(1)
+    q, k = F.normalize(torch.randn(6, 8), dim=1), F.normalize(torch.randn(6, 8), dim=1)
+    queue, t = F.normalize(torch.randn(8, 11), dim=0), 0.2
+    total = 0.0
+    for i in range(6):  # positive: its own key; negatives: every queue column
+        pos = torch.exp(q[i] @ k[i] / t)
+        total += -torch.log(pos / (pos + sum(torch.exp(q[i] @ queue[:, j] / t) for j in range(11))))
+    assert fedmoco.contrast(q, k, queue, t).item() == pytest.approx(total.item() / 6, rel=1e-5)
+
+
+def test_byol_and_simsiam_losses_match_naive_loops():
+    fedbyol, args, c = _client("fedbyol")
+    v1, v2 = torch.randn(16, 20), torch.randn(16, 20)
+    m = c.model
+    p1, p2, z1, z2 = m["predictor"](m["online"](v1)), m["predictor"](m["online"](v2)), m["target"](v1), m["target"](v2)
+    cos = lambda a, b: (a @ b) / (a.norm() * b.norm())
+    naive = sum((2 - 2 * cos(p1[i], z2[i])) + (2 - 2 * cos(p2[i], z1[i])) for i in range(16)) / 16
+    assert fedbyol.loss_fn(m, v1, v2, args).item() == pytest.approx(naive.item(), rel=1e-5)
+    fedsimsiam, args, c = _client("fedsimsiam")
+    m = c.model
+    z1, z2 = m["online"](v1), m["online"](v2)
+    p1, p2 = m["predictor"](z1), m["predictor"](z2)
+    naive = sum(-0.5 * cos(p1[i], z2[i]) - 0.5 * cos(p2[i], z1[i]) for i in range(16)) / 16
+    assert fedsimsiam.loss_fn(m, v1, v2, args).item() == pytest.approx(naive.item(), rel=1e-5)
+
+
+def _grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name,argv", [("fedsimsiam", []), ("fedbyol", []), ("fedbyol", ["--no-ema"]), ("fedsc", [])])
+def test_stop_gradient(name, argv):
+    """The loss's gradient equals the gradient of the same loss with the predicted targets replaced
+    by constants: nothing flows through the stop-gradient branch, whatever requires_grad says."""
+    mod, args, c = _client(name, argv)
+    m = c.model.requires_grad_(True)  # the target too, so only the loss's own stop-gradient can stop it
+    v1, v2 = torch.randn(16, 20), torch.randn(16, 20)
+    got = _grads(m, mod.loss_fn(m, v1, v2, args))
+    branch = m["online"] if name == "fedsimsiam" or getattr(args, "no_ema", False) else m["target"]
+    with torch.no_grad():
+        t1, t2 = branch(v1), branch(v2)  # constants
+    p1, p2 = m["predictor"](m["online"](v1)), m["predictor"](m["online"](v2))
+    if name == "fedsimsiam":
+        ref = -0.5 * (F.cosine_similarity(p1, t2, dim=-1).mean() + F.cosine_similarity(p2, t1, dim=-1).mean())
+    else:
+        ref = (4 - 2 * F.cosine_similarity(p1, t2, dim=-1) - 2 * F.cosine_similarity(p2, t1, dim=-1)).mean()
+    want = _grads(m, ref)
+    assert got.keys() == want.keys() and not any(k.startswith("target") for k in got)
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in got)
+
+
+def test_byol_without_stop_gradient_trains_the_target():
+    fedbyol, args, c = _client("fedbyol", ["--no-sg"])
+    got = _grads(c.model, fedbyol.loss_fn(c.model, torch.randn(16, 20), torch.randn(16, 20), args))
+    assert any(k.startswith("target") for k in got)
 
 
 def test_moco_queue_wraps_around_with_short_batches():
@@ -418,43 +670,13 @@ def test_moco_queue_wraps_around_with_short_batches():
     assert state["ptr"] == 2 and torch.all(state["queue"] == 4)
 
 
-def _client(mod, argv=()):
-    args = common.parse_args(mod.Args, list(argv))
-    args.seed = 0
-    torch.manual_seed(0)
-    model = mod.make_model(20, args)
-    return args, common.Client(0, torch.randn(16, 20), model, {})
-
-
-@pytest.mark.parametrize("name", ["fedsimsiam", "fedbyol", "fedsc"])
-def test_no_gradient_reaches_stop_gradient_branch(name):
-    mod = importlib.import_module(name)
-    args, c = _client(mod)
-    v1, v2 = torch.randn(16, 20), torch.randn(16, 20)
-    if name == "fedsimsiam":  # gradient flows only through p = q(z); the z being predicted is detached
-        z1, z2 = c.model["online"](v1), c.model["online"](v2)
-        z1.retain_grad(), z2.retain_grad()
-        p1, p2 = c.model["predictor"](z1), c.model["predictor"](z2)
-        loss = -0.5 * (F.cosine_similarity(p1, z2.detach(), dim=-1).mean() + F.cosine_similarity(p2, z1.detach(), dim=-1).mean())
-        ref = loss.item()
-        assert mod.loss_fn(c.model, v1, v2, c, args).item() == pytest.approx(ref, rel=1e-6)
-        # the grad of z only comes via the predictor: zero it and nothing reaches z
-        c.model["predictor"].weight.data.zero_()
-        c.model["predictor"].bias.data.fill_(1.0)
-        for p in c.model.parameters():
-            p.grad = None
-        mod.loss_fn(c.model, v1, v2, c, args).backward()
-        assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in c.model["online"].parameters())
-    else:
-        mod.loss_fn(c.model, v1, v2, c, args).backward()
-        assert all(p.grad is None for p in c.model["target"].parameters())
-        assert all(p.grad is not None for p in c.model["online"].parameters())
-    if name == "fedbyol":  # --no-sg: the target does get gradients (and joins the optimizer)
-        args, c = _client(mod, ["--no-sg"])
-        mod.loss_fn(c.model, v1, v2, c, args).backward()
-        assert all(p.grad is not None for p in c.model["target"].parameters())
-        n_online = len(list(c.model["online"].parameters()))
-        assert len(mod.trainable(c.model, args)) == 2 * n_online + 2  # online + target + predictor W, b
+# ---------------------------------------------------------------------------------------------
+# What crosses to the server; learning
+# ---------------------------------------------------------------------------------------------
+def _tiny_data(n_cells=60, n_genes=20):
+    X, y = D.synthetic_counts(n_cells=n_cells, n_genes=n_genes, n_types=2, seed=0)
+    half = n_cells // 2
+    return common.Data(D.preprocess(X, n_genes)[0], y, [np.arange(half), np.arange(half, n_cells)], 2, np.arange(n_cells))
 
 
 @pytest.mark.parametrize("name,argv,uploaded,local", [
@@ -465,27 +687,60 @@ def test_no_gradient_reaches_stop_gradient_branch(name):
     ("fedmoco", ["--version", "2"], {"online"}, {"key"}),
     ("fedsimsiam", [], {"online", "predictor"}, set()),
 ])
-def test_what_clients_upload(name, argv, uploaded, local):
-    """Run one real round through common.federate and record what reaches the server."""
+def test_server_receives_only_weights_and_counts(name, argv, uploaded, local):
+    """Run two real rounds through common.federate and record everything the server's aggregate
+    receives: exactly the UPLOAD modules' weights (shapes of the model's own tensors) and each
+    client's cell count; no cell, no embedding, no target/key encoder, no queue."""
     mod = importlib.import_module(name)
-    args = common.parse_args(mod.Args, list(argv) + ["--rounds", "1", "--local-epochs", "1", "--batch-size", "8"])
-    common.resolve(args, name)
-    X, y = D.synthetic_counts(n_cells=40, n_genes=20, n_types=2, seed=0)
-    data = common.Data(D.preprocess(X, 20)[0], y, [np.arange(20), np.arange(20, 40)], 2, np.arange(40))
+    args = parse(name, list(argv) + ["--rounds", "2", "--local-epochs", "1", "--batch-size", "8", "--queue-size", "37"]
+                 if name == "fedmoco" else list(argv) + ["--rounds", "2", "--local-epochs", "1", "--batch-size", "8"])
+    data = _tiny_data()
     seen = []
-    real = common.fedavg
+    aggregate = lambda uploads: (seen.append(uploads), mod.aggregate(uploads))[1]
+    torch.manual_seed(0)
+    model = mod.make_model(data.X.shape[1], args)
+    common.federate(args, data, model, mod.download, mod.local_update, mod.upload, aggregate)
+    assert set(mod.UPLOAD) == uploaded and set(model.keys()) == uploaded | local
+    shapes = {(key, k): tuple(v.shape) for key in uploaded for k, v in model[key].state_dict().items()}
+    for uploads in seen:
+        assert [n for _, n in uploads] == [30, 30]
+        for weights, _ in uploads:
+            assert {(key, k): tuple(v.shape) for key, s in weights.items() for k, v in s.items()} == shapes
+            assert all(30 not in v.shape and 37 not in v.shape for s in weights.values() for v in s.values())
+
+
+LEARN = {  # method -> ARI it must reach on separable synthetic data (PCA: 99; untrained encoder: 2)
+    ("fedsimclr", ()): 80, ("fedmoco", ()): 75, ("fedmoco", ("--version", "2")): 75,
+    ("fedsimsiam", ("--predictor", "mlp")): 15, ("fedbyol", ()): 15, ("fedsc", ()): 15}  # linear SimSiam collapses
+
+
+@pytest.fixture(scope="module")
+def separable():
+    X, y = D.synthetic_counts(n_cells=400, n_genes=200, n_types=4, seed=0)
+    Xp, cells, _ = D.preprocess(X, 200)
+    return common.Data(Xp, y[cells], [np.arange(0, 400, 2), np.arange(1, 400, 2)], 4, cells)
+
+
+def _learn(mod, args, data, broken=False):
+    loss_fn = mod.loss_fn
+    if broken:  # the positives are views of *other* cells: nothing to learn from
+        mod.loss_fn = lambda model, v1, v2, *rest: loss_fn(model, v1, v2[torch.randperm(len(v2))], *rest)
     try:
-        common.fedavg = lambda states, counts: (seen.append((states, counts)), real(states, counts))[1]
         torch.manual_seed(0)
-        common.federate(args, data, mod.make_model(data.X.shape[1], args), mod.UPLOAD, mod.download,
-                        mod.loss_fn, mod.trainable, getattr(mod, "after_step", None))
+        model = mod.make_model(data.X.shape[1], args)
+        common.federate(args, data, model, mod.download, mod.local_update, mod.upload, mod.aggregate)
     finally:
-        common.fedavg = real
-    assert set(mod.UPLOAD) == uploaded and not (set(mod.UPLOAD) & local)
-    assert set(mod.make_model(20, args).keys()) == uploaded | local
-    assert len(seen) == len(uploaded) and all(counts == (20, 20) for _, counts in seen)
-    sent = {k for states, _ in seen for k in states[0]}
-    assert not any("queue" in k for k in sent)  # MoCo's queue lives in client.state, never uploaded
+        mod.loss_fn = loss_fn
+    return common.cluster_metrics(common.embed(args, model, data.X), data.y, 4, 0)[0]["ari"]
+
+
+@pytest.mark.parametrize("name,argv", list(LEARN), ids=[n + "".join(a) for n, a in LEARN])
+def test_each_method_learns_and_a_broken_loss_does_not(name, argv, separable):
+    mod = importlib.import_module(name)
+    args = parse(name, list(argv) + ["--rounds", "15", "--local-epochs", "3", "--batch-size", "64", "--lr", "0.3",
+                                     "--mask-rate", "0.5", "--partition", "iid", "--clients", "2"])
+    good, bad = _learn(mod, args, separable), _learn(mod, args, separable, broken=True)
+    assert good >= LEARN[(name, argv)] > bad, (good, bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,21 +752,70 @@ def test_append_row_keeps_every_row(tmp_path):
     common.append_row(path, {"a": 3, "c": 4})
     r = pd.read_csv(path)
     assert r["a"].tolist() == [1, 3] and list(r.columns) == ["a", "b", "c"]
-    assert os.listdir(tmp_path) == ["r.csv", "r.csv.lock"]
+    assert sorted(os.listdir(tmp_path)) == ["r.csv", "r.csv.lock"]  # no temporary file left
 
 
-def test_benchmark_resumes_and_builds_tables(synth, tmp_path, monkeypatch):
+def test_benchmark_reruns_only_rows_whose_code_changed(synth, tmp_path, monkeypatch, capsys):
+    import benchmark
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for f in os.listdir(ROOT):
+        if f.endswith(".py"):
+            (repo / f).write_text(open(os.path.join(ROOT, f)).read())
+    res = str(tmp_path / "results")
+    monkeypatch.setattr(benchmark, "ROOT", str(repo))
+    monkeypatch.setattr(benchmark, "plan", lambda exp, seeds: [
+        (name, f"{name}.py", ["--data", synth, "--clients", "2", "--types-per-client", "2"] + TINY, s)
+        for name in ("fedsimclr", "fedsimsiam") for s in seeds])
+    assert benchmark.execute(["table3"], [0, 1], 2, res, []) == 0
+    assert len(pd.read_csv(os.path.join(res, "table3.csv"))) == 4
+    assert benchmark.execute(["table3"], [0, 1], 2, res, []) == 0  # everything cached
+    assert "table3: 0 runs to do, 4 already have a row" in capsys.readouterr().out
+    with open(repo / "fedsimclr.py", "a") as f:
+        f.write("# a one-line change\n")
+    assert benchmark.execute(["table3"], [0, 1], 2, res, []) == 0
+    out = capsys.readouterr().out
+    assert "table3: 2 runs to do, 2 already have a row" in out and "fedsimsiam.py" not in out.split("runs to do")[1]
+    r = pd.read_csv(os.path.join(res, "table3.csv"))
+    assert len(r) == 6 and r.groupby("method")["code"].nunique().to_dict() == {"FedSimCLR": 2, "FedSimSiam": 1}
+    assert len(os.listdir(os.path.join(res, "logs", "table3"))) == 6  # no log overwritten
+    # tables use the current code's rows only, and never ad-hoc runs
+    pd.concat([r, r]).to_csv(os.path.join(res, "runs.csv"), index=False)
+    assert len(benchmark.all_rows(res)) == 6
+    got = benchmark.rows_for(benchmark.all_rows(res), "fedsimclr.py", ["--data", synth, "--clients", "2",
+                             "--types-per-client", "2"] + TINY, [0, 1], [], benchmark.Missing())
+    assert len(got) == 2 and set(got["code"]) == {common.code_hash(str(repo / "fedsimclr.py"))}
+
+
+def test_partial_tables_are_printed_not_published(synth, tmp_path, monkeypatch):
     import benchmark
     res = str(tmp_path / "results")
     monkeypatch.setattr(benchmark, "plan", lambda exp, seeds: [
-        ("FedSC", "fedsc.py", ["--data", synth, "--clients", "2"] + TINY, s) for s in seeds])
-    assert benchmark.execute(["table3"], [0, 1], 2, res, []) == 0
-    assert len(pd.read_csv(os.path.join(res, "table3.csv"))) == 2
-    assert benchmark.execute(["table3"], [0, 1, 2], 2, res, []) == 0  # only seed 2 is new
-    r = pd.read_csv(os.path.join(res, "table3.csv"))
-    assert sorted(r["seed"]) == [0, 1, 2]
-    df = benchmark.all_rows(res)
-    got = benchmark.rows_for(df, "fedsc.py", ["--data", synth, "--clients", "2"] + TINY, [0, 1, 2])
-    assert len(got) == 3
-    cell = benchmark.cell(got, "ari")
-    assert cell == f"{got['ari'].mean():.2f} ± {got['ari'].std(ddof=1):.2f}"
+        ("FedSC", "fedsc.py", ["--data", synth, "--clients", "2", "--types-per-client", "2"] + TINY, s) for s in seeds])
+    monkeypatch.setattr(benchmark, "build", lambda exp, df, seeds, overrides, results: (
+        "table", benchmark.Missing([("fedsc.py", s) for s in seeds if s not in set(df.get("seed", []))])))
+    assert benchmark.execute(["table3"], [0], 1, res, []) == 0
+    assert benchmark.write_tables(["table3"], [0, 1], res, [], publish=True) == {}  # seed 1 is missing
+    assert not os.path.exists(os.path.join(res, "table3.md"))
+    done = benchmark.write_tables(["table3"], [0], res, [], publish=True)
+    assert "table3" in done and os.path.exists(os.path.join(res, "table3.md"))
+    assert f"`{common.git_commit()}`" in done["table3"][1]  # provenance names the rows' commit
+
+
+@pytest.mark.skipif(not os.path.exists(BLADDER), reason="real bladder file not available")
+def test_ctrl_c_stops_the_benchmark_and_its_runs(tmp_path):
+    res = str(tmp_path / "results")
+    env = dict(os.environ, FEDSC_DATA_DIR=REAL, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "benchmark.py", "table3", "--quick", "--jobs", "2", "--results", res],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (os.path.isdir(os.path.join(res, "quick", "logs", "table3"))
+                                          and len(os.listdir(os.path.join(res, "quick", "logs", "table3"))) == 2):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 130 and "interrupted: 0 of 4 table3 runs finished" in out, out
+    assert "2 stopped, 2 not started" in out
+    left = subprocess.run(["pgrep", "-f", res], capture_output=True, text=True).stdout.split()
+    assert left == [] and not os.path.exists(os.path.join(res, "quick", "table3.csv"))
