@@ -82,7 +82,7 @@ def test_script_end_to_end_synthetic(script, extra, synth, tmp_path):
     assert len(cl) == 300 and list(cl["cell"]) == list(range(300))
     # the row's ARI is the one of the clusters it saved, against the input's labels
     assert r["ari"][0] == pytest.approx(100 * adjusted_rand_score(cl["label"], cl["cluster"]))
-    assert sorted(set(cl["label_name"])) == ["1", "2", "3", "4"]
+    assert sorted(set(cl["label_name"].astype(str))) == ["1", "2", "3", "4"]
     log = pd.read_csv(os.path.join(run_dir, "rounds.csv"))
     assert len(log) == 2 * 2 and set(log["client"]) == {0, 1} and np.isfinite(log["loss"]).all()
     assert r["code"][0] == common.code_hash(os.path.join(ROOT, script))
