@@ -17,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from fedsimclr import nt_xent
 
 
 NAMES = {"pca": "PCA", "pca_raw": "PCA-raw (paper)", "csc": "contrastive-sc"}
@@ -46,6 +45,16 @@ class Args(common.DataArgs):
         common.check(self.csc_batch >= 2, f"--csc-batch must be at least 2 (BatchNorm), got {self.csc_batch}")
 
 
+def supcon_loss(z1, z2, temperature):
+    """contrastive-sc's SupConLoss without labels (= NT-Xent): each of the 2B views has one positive,
+    its other view, and 2B-2 negatives. The same loss as fedsimclr.py's, kept here so that the
+    centralized rows depend on no method file."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n = len(z1)
+    sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    return F.cross_entropy(sim, torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]))
+
+
 def pca(X, n_components, seed):
     from sklearn.decomposition import PCA
     return PCA(n_components=min(n_components, *X.shape), random_state=seed).fit_transform(X)
@@ -66,7 +75,7 @@ def contrastive_sc(X, args):
         for idx in perm.split(args.csc_batch):
             if len(idx) < 2:
                 continue
-            loss = nt_xent(net(X[idx]), net(X[idx]), 0.07)
+            loss = supcon_loss(net(X[idx]), net(X[idx]), 0.07)
             opt.zero_grad()
             loss.backward()
             opt.step()

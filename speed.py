@@ -1,11 +1,13 @@
-"""Where the time of a FedSC run goes, and 1 vs 2 torch threads.
+"""Where the time of a FedSC run goes, against a matrix-multiply bound measured in the same run.
 
     python speed.py [--rounds 20]
 
-Runs FedSC on 10X PBMC for a few rounds of the paper's protocol with 1 and with 2 threads (seconds
-per round, same process, so the ratio is fair), profiles one-thread rounds with torch.profiler to
-split the time into matrix multiplies (addmm/mm/bmm) and everything else, and reads the wall time
-of the full-protocol runs from results/table1.csv. Writes results/speed.md and the README block.
+Runs FedSC on 10X PBMC for a few rounds of the paper's protocol with --threads 1 and 2 (clients
+trained one at a time, or two at once; seconds per round, same process, alternated), counts the
+floating-point work of those rounds' matrix multiplies, measures this machine's fp32 GEMM speed on
+one and two threads, and profiles one-thread rounds with torch.profiler. Writes results/speed.md
+(with the operator profile) and the README's speed block. Compare speeds as ratios within one run:
+absolute times move with whatever else the machine is doing.
 """
 import argparse
 import contextlib
@@ -13,7 +15,6 @@ import io
 import os
 import time
 
-import pandas as pd
 import torch
 
 import common
@@ -23,70 +24,95 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 MATMUL = {"aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear"}
 
 
-def fedsc_rounds(rounds, threads, seed=0):
-    args = common.parse_args(fedsc.Args, ["--rounds", str(rounds), "--threads", str(threads), "--seed", str(seed)])
+def fedsc_setup(rounds, threads):
+    args = common.parse_args(fedsc.Args, ["--rounds", str(rounds), "--threads", str(threads), "--out",
+                                          os.path.join(ROOT, "runs", "speed.csv")])
     with contextlib.redirect_stdout(io.StringIO()):
-        data = common.setup(args, "FedSC")
-        model = fedsc.make_model(data.X.shape[1], args)
+        data = common.setup(args)
+    return args, data
+
+
+def seconds_per_round(args, data):
+    model = fedsc.make_model(data.X.shape[1], args)
+    with contextlib.redirect_stdout(io.StringIO()):
         t0 = time.perf_counter()
-        common.federate(args, data, model, fedsc.UPLOAD, fedsc.download, fedsc.loss_fn, fedsc.trainable,
-                        fedsc.after_step)
-    return (time.perf_counter() - t0) / rounds
+        common.federate(args, data, model, fedsc.download, fedsc.local_update, fedsc.upload, fedsc.aggregate)
+    return (time.perf_counter() - t0) / args.rounds
+
+
+def round_flops(args, data):
+    """Multiply-adds x 2 of one round's Linear layers: the online encoder + predictor forward and
+    backward (weight gradients everywhere, input gradients except the first layer) and the
+    target forward, for both views of every batch."""
+    model = fedsc.make_model(data.X.shape[1], args)
+    lin = lambda m: [(l.in_features, l.out_features) for l in m.modules() if isinstance(l, torch.nn.Linear)]
+    online, pred, target = lin(model["online"]), lin(model["predictor"]), lin(model["target"])
+    per_row = 2 * sum(i * o for i, o in online + pred) * 3 - 2 * online[0][0] * online[0][1]
+    per_row += 2 * sum(i * o for i, o in target)
+    steps = sum(len(common.batches(len(p), args.batch_size, torch.Generator())) for p in data.parts)
+    return 2 * per_row * args.batch_size * steps * args.local_epochs  # two views
+
+
+def gemm_rate(threads, seconds=1.0):
+    """fp32 GFLOP/s of a (256 x 500) @ (500 x 200) product, the shape of the first layer."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(256, 500), torch.randn(500, 200)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(50):
+            a @ b
+        n += 50
+    torch.set_num_threads(1)
+    return 2 * 256 * 500 * 200 * n / (time.perf_counter() - t0) / 1e9
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=20)
     a = p.parse_args()
-    fedsc_rounds(2, 1)  # warm-up
-    first = fedsc_rounds(a.rounds, 1)
-    two = fedsc_rounds(a.rounds, 2)
-    one_mean = (first + fedsc_rounds(a.rounds, 1)) / 2  # 1 thread before and after 2 threads
-    torch.set_num_threads(1)
+    args1, data = fedsc_setup(a.rounds, 1)
+    args2, _ = fedsc_setup(a.rounds, 2)
+    seconds_per_round(fedsc_setup(2, 1)[0], data)  # warm-up
+    one, two = [], []
+    for _ in range(2):  # alternated, so both see the same machine
+        one.append(seconds_per_round(args1, data))
+        two.append(seconds_per_round(args2, data))
+    one, two = sum(one) / 2, sum(two) / 2
+    flops = round_flops(args1, data)
+    rate1, rate2 = gemm_rate(1), gemm_rate(2)
     from torch.profiler import profile, ProfilerActivity
-    prof_rounds = max(2, a.rounds // 4)
+    prof_args, _ = fedsc_setup(max(2, a.rounds // 4), 1)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fedsc_rounds(prof_rounds, 1)
+        seconds_per_round(prof_args, data)
     events = prof.key_averages()
-    # matmul time as the profiler measures it, over the same rounds' unprofiled wall time
-    # (the profiler's own overhead would otherwise count as "outside")
-    mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL) / 1e6 / prof_rounds
-    wall = one_mean
-    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
-
-    rows = pd.read_csv(os.path.join(ROOT, "results", "table1.csv")) if os.path.exists(
-        os.path.join(ROOT, "results", "table1.csv")) else pd.DataFrame()
-    full = rows[(rows.get("method") == "FedSC") & (rows.get("data") == "10X_PBMC")] if len(rows) else rows
-    lines = [
-        f"FedSC on 10X PBMC, paper protocol (4 clients, 5 local epochs, batch 128, 160 local steps per round), "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}:",
-        "",
+    mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL) / 1e6 / prof_args.rounds
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
+    summary = [
+        f"FedSC on 10X PBMC, paper protocol (4 clients, 5 local epochs, batch 128), {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, `python speed.py --rounds {a.rounds}`:", "",
         "| measure | value |", "|---|---|",
-        f"| seconds per round, 1 thread (mean of two {a.rounds}-round runs) | {one_mean:.3f} |",
-        f"| seconds per round, 2 threads | {two:.3f} |",
-        f"| 2 threads / 1 thread time ratio | {two / one_mean:.2f} |",
-        f"| projected 300 rounds, 1 thread | {300 * one_mean / 60:.1f} min |",
+        f"| seconds per round, `--threads 1` (clients one at a time) | {one:.3f} |",
+        f"| seconds per round, `--threads 2` (two clients at once) | {two:.3f} |",
+        f"| projected 300 rounds, `--threads 1` / `--threads 2` | {300 * one:.0f} s / {300 * two:.0f} s |",
+        f"| matrix-multiply work per round | {flops / 1e9:.1f} GFLOP |",
+        f"| fp32 GEMM speed measured here, 1 / 2 threads | {rate1:.0f} / {rate2:.0f} GFLOP/s |",
+        f"| GEMM bound per round, 1 / 2 threads | {flops / rate1 / 1e9:.3f} s / {flops / rate2 / 1e9:.3f} s |",
+        f"| round time / bound, `--threads 1` / `--threads 2` | {one / (flops / rate1 / 1e9):.2f} / {two / (flops / rate2 / 1e9):.2f} |",
+        f"| share of a one-thread round in matrix multiplies (profiled) | {100 * mm / one:.0f}% |",
     ]
-    if len(full):
-        lines.append(f"| full 300-round runs in results/table1.csv (incl. data loading and KMeans; "
-                     f"2 runs in parallel) | {full['seconds'].mean():.0f} s mean over {len(full)} runs |")
-    lines += [
-        f"| matrix multiplies (addmm/mm, profiled) per round, 1 thread | {mm:.3f} s |",
-        f"| share of the round in matrix multiplies | {100 * mm / wall:.0f}% |",
-        f"| share outside the matrix multiplies (other kernels, autograd, optimizer, Python) | {100 * (1 - mm / wall):.0f}% |",
-        "", "Largest self-time operators in the profile:", "",
-        "| operator | self CPU s | calls |", "|---|---|---|",
-    ] + [f"| `{e.key}` | {e.self_cpu_time_total / 1e6:.2f} | {e.count} |" for e in top]
-    md = "\n".join(lines)
-    print(md)
+    profile_md = ["", "Largest self-time operators, one thread:", "",
+                  "| operator | self CPU s per round | calls per round |", "|---|---|---|"] + [
+        f"| `{e.key}` | {e.self_cpu_time_total / 1e6 / prof_args.rounds:.3f} | {e.count // prof_args.rounds} |" for e in top]
+    md = "\n".join(summary)
+    print(md + "\n".join(profile_md))
     os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
     with open(os.path.join(ROOT, "results", "speed.md"), "w") as f:
-        f.write(md + "\n")
+        f.write(md + "\n" + "\n".join(profile_md) + "\n")
     readme = os.path.join(ROOT, "README.md")
     text = open(readme).read()
     s, e = "<!-- speed:start -->", "<!-- speed:end -->"
     if s in text and e in text:
-        block = f"{s}\n<!-- written by speed.py; do not edit by hand -->\n\n{md}\n{e}"
+        block = f"{s}\n<!-- written by speed.py; do not edit by hand -->\n\n{md}\n\nOperator profile: `results/speed.md`.\n{e}"
         open(readme, "w").write(text[:text.index(s)] + block + text[text.index(e) + len(e):])
 
 

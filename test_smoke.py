@@ -593,6 +593,7 @@ def test_nt_xent_matches_naive_loop():
         den = sum(torch.exp(z[i] @ z[j] / t) for j in range(2 * n) if j != i)
         total += -torch.log(torch.exp(z[i] @ z[pos] / t) / den)
     assert fedsimclr.nt_xent(z1, z2, t).item() == pytest.approx(total.item() / (2 * n), rel=1e-5)
+    assert importlib.import_module("centralized").supcon_loss(z1, z2, t).item() == pytest.approx(total.item() / (2 * n), rel=1e-5)
 
 
 def test_moco_contrast_matches_naive_loop():
