@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -176,7 +177,15 @@ def execute(experiments, seeds, jobs, results, overrides):
     return failed
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_all(exp, todo, jobs, results):
+    # Ctrl-C, kill -INT and kill -TERM all stop the runs under way (even where a shell started this
+    # process with SIGINT ignored, as background jobs are)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     logs = os.path.join(results, "logs", exp)
     os.makedirs(logs, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")

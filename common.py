@@ -152,6 +152,7 @@ def parse_args(cls, argv=None):
     """The dataclass from the command line. With --recipe tuned, the method's tuned values from
     recipes.json replace the defaults of the options they name, unless given explicitly."""
     args = cls(**vars(_parser(cls).parse_args(argv)))
+    args.method = args.method  # a derived field: an attribute of the instance, so rows record it
     if getattr(args, "recipe", "paper") == "tuned":
         given = vars(_parser(cls, with_defaults=False).parse_args(argv))
         recipe = tuned_recipe(args.method)

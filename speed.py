@@ -87,9 +87,11 @@ def main():
     events = prof.key_averages()
     mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL) / 1e6 / prof_args.rounds
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     summary = [
         f"FedSC on 10X PBMC, paper protocol (4 clients, 5 local epochs, batch 128), {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, `python speed.py --rounds {a.rounds}`:", "",
+        f"torch {torch.__version__}, `python speed.py --rounds {a.rounds}`; load average while measuring "
+        f"{load:.1f} (other processes slow every figure below alike, not their ratios):", "",
         "| measure | value |", "|---|---|",
         f"| seconds per round, `--threads 1` (clients one at a time) | {one:.3f} |",
         f"| seconds per round, `--threads 2` (two clients at once) | {two:.3f} |",

@@ -75,6 +75,8 @@ def test_script_end_to_end_synthetic(script, extra, synth, tmp_path):
     assert "round 2/2" in p.stdout and "final" in p.stdout
     r = rows(out)
     assert len(r) == 1 and r["rounds"][0] == 2 and r["status"][0] == "ok"
+    assert r["method"][0] == {"fedsc.py": "FedSC", "fedbyol.py": "FedBYOL", "fedsimclr.py": "FedSimCLR",
+                              "fedsimsiam.py": "FedSimSiam"}.get(script, f"FedMoCoV{extra[-1] if extra else 1}")
     run_dir = os.path.join(tmp_path, "runs", r["run"][0])
     assert " " not in r["run"][0]
     assert np.load(os.path.join(run_dir, "embedding.npy")).shape == (300, common.EMBED_DIM)
