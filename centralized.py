@@ -101,6 +101,7 @@ if __name__ == "__main__":
         if args.baseline == "pca":
             h = pca(data.X, args.n_components, args.seed)
         elif args.baseline == "pca_raw":
+            counts = counts[data.cells]
             counts = counts.toarray() if hasattr(counts, "toarray") else counts
             h = pca(np.ceil(counts.astype(np.float64)), 2, args.seed)
         else:

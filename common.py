@@ -301,7 +301,7 @@ def resolve(args, script=None):
 
 
 def load(args):
-    """Read and preprocess the data; returns (Data without parts, raw counts of the kept cells)."""
+    """Read and preprocess the data; returns (Data without parts, the raw counts as read)."""
     path = D.resolve_data(args.data)
     counts, y, names, used = D.read_counts(path, args.label_key or None, args.labels or None,
                                            args.transpose, args.layer or None)
@@ -315,7 +315,7 @@ def load(args):
         raise D.DataError(f"--n-clusters {k} is more than the {len(X)} cells")
     print(f"data {path} ({used}): {len(X)} cells x {X.shape[1]} genes, "
           f"{'no labels' if y is None else f'{len(np.unique(y))} types'}", flush=True)
-    return Data(X, y, [], k, cells, names), counts[cells]
+    return Data(X, y, [], k, cells, names), counts
 
 
 def setup(args):

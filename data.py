@@ -350,23 +350,28 @@ def preprocess(X, n_genes):
     """Raw counts -> float32 (cells x HVGs). Returns (matrix, kept cell indices, kept gene indices).
     drop empty genes/cells -> median library-size normalisation -> log1p -> seurat HVGs -> per-gene
     z-score (ddof=1, no clipping). Sparse input stays sparse: only the HVG columns become dense."""
-    X = sp.csr_matrix(X, dtype=np.float64)
-    X.data = np.ceil(X.data)  # contrastive-sc ceils; raw counts are integers already (checked)
+    X = sp.csr_matrix(X, dtype=np.float64, copy=True)  # the caller's matrix is never changed
+    np.ceil(X.data, out=X.data)  # contrastive-sc ceils; raw counts are integers already (checked)
     genes = np.flatnonzero(np.asarray(X.sum(0)).ravel() >= 1)
-    X = X[:, genes]
+    if len(genes) < X.shape[1]:
+        X = X[:, genes]
     totals = np.asarray(X.sum(1)).ravel()
     cells = np.flatnonzero(totals >= 1)
-    X, totals = X[cells], totals[cells]
+    if len(cells) < X.shape[0]:
+        X, totals = X[cells], totals[cells]
     if len(cells) < 2 or len(genes) < 2:
         raise DataError(f"after removing empty cells/genes only {len(cells)} cells x {len(genes)} genes are left")
     if n_genes > len(genes):
         print(f"--n-genes {n_genes} is more than the {len(genes)} non-empty genes: using all of them", flush=True)
-    X = sp.diags(np.median(totals) / totals) @ X  # each cell scaled to the median library size
+    X.data *= np.repeat(np.median(totals) / totals, np.diff(X.indptr))  # each cell to the median library size
     keep = hvg_from_stats(*gene_stats(X), n_genes)
-    X, genes = np.log1p(X[:, np.flatnonzero(keep)].toarray()), genes[keep]
-    std = X.std(0, ddof=1)
+    X, genes = X[:, np.flatnonzero(keep)].toarray(), genes[keep]  # only the HVG columns become dense
+    np.log1p(X, out=X)
+    # per-gene z-score in place; the std in column blocks, so no second full-size array exists
+    std = np.concatenate([X[:, j:j + 256].std(0, ddof=1) for j in range(0, X.shape[1], 256)])
     std[std == 0] = 1
-    X = (X - X.mean(0)) / std
+    X -= X.mean(0)
+    X /= std
     return X.astype(np.float32), cells, genes
 
 
