@@ -433,21 +433,26 @@ def write_tables(experiments, seeds, results, overrides, publish, verbose=True):
     return complete
 
 
-def update_readme(tables):
-    """Replace the README block between the results markers with the complete generated tables."""
+def readme_block(name, body, source):
+    """Replace the README's block between <!-- name:start --> and <!-- name:end --> (atomically)."""
     path = os.path.join(ROOT, "README.md")
     text = open(path).read()
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     if start not in text or end not in text:
-        print("README.md has no results markers; left it alone", flush=True)
+        print(f"README.md has no {name} markers; left it alone", flush=True)
         return
+    block = f"{start}\n<!-- written by {source}; do not edit by hand -->\n\n{body}\n{end}"
+    text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    common._write_atomic(path, lambda tmp: open(tmp, "w").write(text))
+    print(f"README.md {name} section updated", flush=True)
+
+
+def update_readme(tables):
+    """The README's results block: every complete generated table, and the Table 1 figure."""
     body = "\n\n".join(f"**{TITLES[k]}**\n\n{md}\n\n{note}" for k, (md, note) in tables.items())
     figs = [f for f in ("table1.png",) if os.path.exists(os.path.join(ROOT, "results", "figures", f))]
     body += "".join(f"\n\n![{f[:-4]}](results/figures/{f})" for f in figs)
-    block = f"{start}\n<!-- written by benchmark.py from results/*.csv; do not edit by hand -->\n\n{body}\n{end}"
-    text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    common._write_atomic(path, lambda tmp: open(tmp, "w").write(text))
-    print("README.md results section updated", flush=True)
+    readme_block("results", body, "benchmark.py from results/*.csv")
 
 
 def figure(results, seeds):

@@ -158,6 +158,8 @@ def main():
     os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
     with open(os.path.join(ROOT, "results", "scale.md"), "w") as f:
         f.write(md + "\n")
+    import benchmark
+    benchmark.readme_block("scale", md, "scale.py")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+import benchmark
 import common
 import fedsc
 
@@ -110,12 +111,7 @@ def main():
     os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
     with open(os.path.join(ROOT, "results", "speed.md"), "w") as f:
         f.write(md + "\n" + "\n".join(profile_md) + "\n")
-    readme = os.path.join(ROOT, "README.md")
-    text = open(readme).read()
-    s, e = "<!-- speed:start -->", "<!-- speed:end -->"
-    if s in text and e in text:
-        block = f"{s}\n<!-- written by speed.py; do not edit by hand -->\n\n{md}\n\nOperator profile: `results/speed.md`.\n{e}"
-        open(readme, "w").write(text[:text.index(s)] + block + text[text.index(e) + len(e):])
+    benchmark.readme_block("speed", md + "\n\nOperator profile: `results/speed.md`.", "speed.py")
 
 
 if __name__ == "__main__":
