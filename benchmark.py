@@ -59,7 +59,13 @@ CENTRAL = [("PCA-50 + KMeans (centralized)", "centralized.py", ["--baseline", "p
            ("PCA-raw (paper)", "centralized.py", ["--baseline", "pca_raw"]),
            ("contrastive-sc", "centralized.py", ["--baseline", "csc"]),
            ("SimCLR, one client (centralized)", "fedsimclr.py", ["--clients", "1", "--partition", "iid"])]
-RECIPES = ("paper", "tuned") if os.path.exists(common.RECIPES) else ("paper",)  # tuned: after `tune`
+
+
+def recipes():
+    """The recipes Table 1 shows: the tuned one once `tune` has written recipes.json."""
+    return ("paper", "tuned") if os.path.exists(common.RECIPES) else ("paper",)
+
+
 # The tuning grid: the same for every method, on 10X PBMC only; the best mean ARI wins.
 TUNE_DATA = "10X_PBMC"
 TUNE_LRS = (0.032, 0.1, 0.3, 1.0)
@@ -89,7 +95,7 @@ def plan(experiment, seeds):
     elif experiment == "table1":
         for ds in DATASETS:
             for label, script, extra in FED:
-                for recipe in RECIPES:
+                for recipe in recipes():
                     runs += [((label, recipe, ds), script, ["--data", ds, "--recipe", recipe] + extra, s) for s in seeds]
             for label, script, extra in CENTRAL:
                 runs += [((label, "", ds), script, ["--data", ds] + extra, s) for s in seeds]
@@ -145,7 +151,8 @@ def matching(df, args):
 
 def all_rows(results, experiments=EXPERIMENTS):
     """Rows of the experiment CSVs that benchmark.py writes (never runs.csv or other ad-hoc files)."""
-    frames = [pd.read_csv(os.path.join(results, f"{e}.csv"), float_precision="round_trip") for e in experiments
+    frames = [pd.read_csv(os.path.join(results, f"{e}.csv"), float_precision="round_trip", dtype=common.TEXT_COLUMNS)
+              for e in experiments
               if os.path.exists(os.path.join(results, f"{e}.csv"))]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -160,7 +167,7 @@ def execute(experiments, seeds, jobs, results, overrides):
     finished; their rows are not written (a row is the last thing a run writes)."""
     failed = 0
     for exp in experiments:
-        df, todo, seen, skipped = all_rows(results), [], set(), 0
+        df, todo, seen, skipped = all_rows(results, [exp]), [], set(), 0  # its own rows: its table uses them
         for label, script, argv, seed in plan(exp, seeds):
             full = full_argv(exp, script, argv, seed, results, overrides)
             args = resolved(script, full)
@@ -196,7 +203,7 @@ def run_all(exp, todo, jobs, results):
                 label, script, argv, seed, cid = queue.pop(0)
                 name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{script[:-3]}__s{seed}__{cid}__{time.strftime('%Y%m%d-%H%M%S')}")
                 log = os.path.join(logs, f"{name}.log")  # a resumed run never overwrites a log
-                f = open(log, "w")
+                f = open(log, "x")
                 proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script)] + argv, stdout=f,
                                         stderr=subprocess.STDOUT, env=env, cwd=ROOT)
                 running.append((proc, f, label, script, argv, log, time.time()))
@@ -254,10 +261,13 @@ def rows_for(df, script, argv, seeds, overrides, missing):
 def cell(r, metric):
     if len(r) == 0 or metric not in r:
         return "–"
-    if "status" in r and (r["status"] == "diverged").all():
+    diverged = int((r["status"] == "diverged").sum()) if "status" in r else 0
+    if diverged == len(r):
         return "diverged"
     v = r[metric].to_numpy(dtype=float)
-    s = f"{np.nanmean(v):.2f} ± {np.nanstd(v, ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+    v = v[np.isfinite(v)]
+    s = f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+    s += f" ({diverged} of {len(r)} diverged)" if diverged else ""
     return s + (" (collapsed)" if "collapsed" in r and r["collapsed"].astype(str).eq("True").any() else "")
 
 
@@ -279,7 +289,7 @@ def table1(df, seeds, overrides, missing):
     for i, ds in enumerate(DATASETS):
         head += f" {SHORT[ds]} ARI | NMI | Sil |" + (" paper ARI / NMI / Sil |" if i < 2 else "")
     out = [head + " s/run |", "|" + "---|" * head.count("|")]
-    rows = [(l, s, e, rc) for l, s, e in FED for rc in RECIPES] + [(l, s, e, None) for l, s, e in CENTRAL]
+    rows = [(l, s, e, rc) for l, s, e in FED for rc in recipes()] + [(l, s, e, None) for l, s, e in CENTRAL]
     for label, script, extra, recipe in rows:
         extra = extra + (["--recipe", recipe] if recipe else [])
         line = f"| {label} | {f'{recipe}: ' + recipe_text(script, ['--data', DATASETS[0]] + extra) if recipe else '–'} |"
@@ -313,7 +323,7 @@ def tune_table(df, seeds, overrides, missing):
 
 def write_recipes(df, seeds):
     """recipes.json: for each method, the grid point with the best mean ARI on 10X PBMC."""
-    recipes, missing = {}, Missing()
+    chosen, missing = {}, Missing()
     for label, script, extra in FED:
         best = None
         for lr in TUNE_LRS:
@@ -323,16 +333,16 @@ def write_recipes(df, seeds):
                 score = rr["ari"].mean() if len(rr) and "ari" in rr and rr["ari"].notna().any() else -np.inf
                 if best is None or score > best[0]:
                     best = (score, dict(lr=lr, rounds=r, local_epochs=e))
-        recipes[label] = best[1]
+        chosen[label] = best[1]
     if missing:
         print(f"tune is incomplete ({len(missing)} runs missing): recipes.json not written", flush=True)
         return
     doc = {"rule": f"for each method, the (lr, rounds, local epochs) of the grid with the best mean ARI on "
                    f"{TUNE_DATA} over seeds {list(TUNE_SEEDS)}; every other setting is the paper's",
            "grid": {"lr": list(TUNE_LRS), "rounds x local_epochs": [list(x) for x in TUNE_SCHEDULES]},
-           "recipes": recipes}
+           "recipes": chosen}
     common._write_atomic(common.RECIPES, lambda tmp: json.dump(doc, open(tmp, "w"), indent=1))
-    print(f"wrote {common.RECIPES}: {recipes}", flush=True)
+    print(f"wrote {common.RECIPES}: {chosen}", flush=True)
 
 
 def mu_table(df, seeds, overrides, missing, results):
@@ -424,8 +434,8 @@ def write_tables(experiments, seeds, results, overrides, publish, verbose=True):
                 print(f"\n{exp} is incomplete, {len(missing)} runs missing (not published), e.g. "
                       + "; ".join(f"{w} --seed {s}" for w, s in missing[:3]), flush=True)
             continue
-        used = pd.concat([matching(df, resolved(script, full_argv(exp, script, argv, s, results, overrides)))
-                          for _, script, argv, s in plan(exp, seeds)])
+        used = pd.concat([matching(df, resolved(script, full_argv(exp, script, argv, s, results, overrides))).iloc[[-1]]
+                          for _, script, argv, s in plan(exp, seeds)]).drop_duplicates("run")
         complete[exp] = (md, provenance(used))
         if publish:
             with open(os.path.join(results, f"{exp}.md"), "w") as f:
@@ -468,7 +478,7 @@ def figure(results, seeds):
     fig, axes = plt.subplots(1, len(DATASETS), figsize=(16, 4.2))
     for ax, ds in zip(axes, DATASETS):
         labels, means, stds, paper = [], [], [], []
-        for label, script, extra in [(l, s, e + ["--recipe", rc]) for l, s, e in FED for rc in RECIPES] + CENTRAL:
+        for label, script, extra in [(l, s, e + ["--recipe", rc]) for l, s, e in FED for rc in recipes()] + CENTRAL:
             r = rows_for(df, script, ["--data", ds] + extra, seeds, [], Missing())
             if len(r) and "ari" in r:
                 tag = " (tuned)" if "tuned" in extra else ""
@@ -500,6 +510,8 @@ def main():
     p.add_argument("--results", default=os.path.join(ROOT, "results"))
     p.add_argument("--tables-only", action="store_true", help="only rebuild the tables (and the README)")
     a = p.parse_args()
+    if a.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {a.jobs}")
     for e in a.experiments:
         if e not in EXPERIMENTS:
             p.error(f"unknown experiment '{e}': use {', '.join(EXPERIMENTS)}")

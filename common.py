@@ -43,6 +43,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 EMBED_DIM = 60    # backbone output f(x): what KMeans clusters (contrastive-sc's [200, 40, 60])
 PROJ_DIM = 128    # head output g(f(x)) that the losses compare (the paper's 128-d predictor)
 RECIPES = os.path.join(ROOT, "recipes.json")  # --recipe tuned values, written by run_all.sh tune
+TEXT_COLUMNS = {k: str for k in ("code", "config_id", "commit", "data_sha256", "run")}  # hashes stay text
 
 
 class Diverged(Exception):
@@ -60,7 +61,7 @@ class DataArgs:
     seed: int = 0
     """seed of python, numpy and torch (model init, client partition, batches, masks, KMeans)"""
     threads: int = 1
-    """cores to use: federated scripts train this many clients of a round at once (one torch thread each, the same result as one at a time); KMeans uses them too"""
+    """cores to use: federated scripts train this many clients of a round at once (one torch thread each, the same result as one at a time)"""
     out: str = "runs/results.csv"
     """CSV file that gets one row per finished run; embedding and clusters go to <its folder>/runs/<run name>/"""
     n_genes: int = 0
@@ -218,7 +219,7 @@ def check_args(args):
     need = check
     for name in ("threads",) + (("clients", "rounds", "local_epochs") if isinstance(args, FedArgs) else ()):
         need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    need(args.seed >= 0, f"--seed must be 0 or more, got {args.seed}")
+    need(0 <= args.seed < 2 ** 32, f"--seed must be in [0, 2^32), got {args.seed}")
     need(args.n_genes >= 0, f"--n-genes must be positive (or 0 for the default), got {args.n_genes}")
     need(args.n_clusters == 0 or args.n_clusters >= 2, f"--n-clusters must be at least 2 (or 0 = number of types), got {args.n_clusters}")
     if isinstance(args, FedArgs):
@@ -234,9 +235,11 @@ def check_args(args):
 
 def check_out(out):
     """--out must be a results CSV (or a new file) in a folder we can write to."""
+    if not os.path.basename(out):
+        raise D.DataError(f"--out '{out}' names no file; give a CSV file path such as runs/results.csv")
     if os.path.isdir(out):
         raise D.DataError(f"--out '{out}' is a directory; give a CSV file path, e.g. {os.path.join(out, 'results.csv')}")
-    if os.path.exists(out):
+    if os.path.exists(out) and os.path.getsize(out) > 0:
         try:
             with open(out) as f:
                 header = f.readline()
@@ -296,7 +299,7 @@ def resolve(args, script=None):
     if isinstance(args, FedArgs) and not args.types_per_client and "types_per_client" in bench:
         args.types_per_client = bench["types_per_client"]
     args.data_sha256 = digest[:16]
-    args.code = code_hash(script or sys.modules["__main__"].__file__)
+    args.code = code_hash(script or sys.modules[type(args).__module__].__file__)  # the method's file
     return args
 
 
@@ -466,7 +469,7 @@ def federate(args, data, model, download, local_update, upload, aggregate):
     # SERVER SIDE: the global weights; round 0 broadcasts the seeded initial model
     global_state = {key: weights(module) for key, module in model.items()}
 
-    def on_client(c):  # ---- on client c: its cells and local state never leave it -------------
+    def on_client(c, lr):  # ---- on client c: its cells and local state never leave it ---------
         entry = download(c, global_state, args)
         entry.update(local_update(c, lr, args))
         return upload(c), entry
@@ -476,7 +479,8 @@ def federate(args, data, model, download, local_update, upload, aggregate):
     log, t_start = [], time.time()
     for rnd in range(args.rounds):
         t0, lr = time.time(), learning_rate(args, rnd)
-        uploads, logs = zip(*(pool.map(on_client, clients) if pool else map(on_client, clients)))
+        todo = (clients, [lr] * len(clients))
+        uploads, logs = zip(*(pool.map(on_client, *todo) if pool else map(on_client, *todo)))
         global_state = aggregate(uploads)  # ---- on the server: only weights and counts arrive --
         log += [{"round": rnd + 1, "client": c.cid, "lr": lr, **e} for c, e in zip(clients, logs)]
         loss = float(np.mean([e["loss"] for e in logs]))
@@ -489,7 +493,11 @@ def federate(args, data, model, download, local_update, upload, aggregate):
         if args.eval_every and (rnd + 1) % args.eval_every == 0 and rnd + 1 < args.rounds:
             for key in global_state:
                 model[key].load_state_dict(global_state[key])
-            m, _ = cluster_metrics(embed(args, model, data.X), data.y, data.n_clusters, args.seed)
+            try:
+                m, _ = cluster_metrics(embed(args, model, data.X), data.y, data.n_clusters, args.seed)
+            except Diverged:
+                save_run(args, data, log, "diverged")
+                raise
             line += "".join(f"  {k} {m[k]:.2f}" for k in ("ari", "sil", "erank") if k in m)
         print(line + f"  {time.time() - t0:.2f}s", flush=True)
     for key in global_state:
@@ -533,17 +541,19 @@ def effective_rank(h):
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def cluster_metrics(h, y, n_clusters, seed, threads=1):
+def cluster_metrics(h, y, n_clusters, seed):
     """KMeans(k-means++, n_init=10, random_state=seed); ARI and NMI against y when given,
     silhouette (on the embedding, predicted labels; a 5000-cell sample above that), Calinski-
-    Harabasz, and the embedding's effective rank. ARI/NMI/silhouette in percent, as the paper."""
+    Harabasz, and the embedding's effective rank. ARI/NMI/silhouette in percent, as the paper.
+    KMeans runs on one thread: with more, its sums change in the last bits and a near-tie between
+    restarts could pick other clusters, so --threads would change the result."""
     from sklearn.cluster import KMeans
     from sklearn import metrics as M
     from threadpoolctl import threadpool_limits
     if not np.isfinite(h).all():
         raise Diverged("the embedding holds NaN or inf values; try a smaller --lr")
     out = {"erank": effective_rank(h)}
-    with threadpool_limits(threads):
+    with threadpool_limits(1):
         pred = KMeans(n_clusters=n_clusters, init="k-means++", n_init=10, random_state=seed).fit_predict(h)
     if y is not None:
         out["ari"] = 100 * M.adjusted_rand_score(y, pred)
@@ -564,7 +574,7 @@ def append_row(path, row):
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with _locked(path + ".lock"):
-        old = pd.read_csv(path, float_precision="round_trip") if os.path.exists(path) else pd.DataFrame()
+        old = pd.read_csv(path, dtype=str, keep_default_na=False) if os.path.exists(path) else pd.DataFrame()
         new = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
         _write_atomic(path, lambda tmp: new.to_csv(tmp, index=False))
 
@@ -605,7 +615,11 @@ def run_folder(args):
 def finish(args, data, model=None, log=None, h=None):
     """Cluster the final global encoder's embedding (or a given one, h) and save the run."""
     h = embed(args, model, data.X) if h is None else h
-    metrics, pred = cluster_metrics(h, data.y, data.n_clusters, args.seed, args.threads)
+    try:
+        metrics, pred = cluster_metrics(h, data.y, data.n_clusters, args.seed)
+    except Diverged:  # NaN weights after the last step: the row says so
+        save_run(args, data, log, "diverged")
+        raise
     if collapsed(h, metrics["erank"]):
         print(f"warning: the embedding has collapsed (effective rank {metrics['erank']:.2f} < "
               f"{COLLAPSE_ERANK}): its clusters mean little; try another --lr or method", flush=True)

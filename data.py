@@ -175,18 +175,22 @@ def read_h5(path, label_key=None, layer=None):
         return X, _decode(y) if y is not None else None, "X"
 
 
-def _data_not_names(names):
-    """Header or index entries that are numbers but not 0..n-1 or 1..n (what pandas or R write as
-    row/column numbers): the table has no names and its first line or column is data. pandas
-    renames repeated header entries '1', '1.1', ...: those count as numbers too."""
+def _data_not_names(names, header):
+    """Header or first-column entries that look like counts rather than names: numbers with a
+    decimal point or repeated (pandas renames a repeated header entry '0' to '0.1', '0.2'), or,
+    for the first column, numbers that do not increase (row numbers, even filtered ones, do).
+    Integer gene ids (Entrez) in a header and R's row numbers pass."""
     import re
-    nums = []
-    for n in names:
-        try:
-            nums.append(float(re.sub(r"^(-?[\d.]+?)(\.\d+)?$", r"\1", str(n)) if str(n).count(".") > 1 else n))
-        except (TypeError, ValueError):
-            return False
-    return len(nums) > 1 and nums != list(range(len(nums))) and nums != list(range(1, len(nums) + 1))
+    text = [re.sub(r"^(-?\d+(?:\.\d+)?)\.\d+$", r"\1", str(n)) for n in names]  # '0.0.1' -> '0.0'
+    try:
+        nums = np.array([float(t) for t in text])
+    except ValueError:
+        return False
+    if len(nums) < 2:
+        return False
+    if header:
+        return np.mean(["." in str(n) for n in names]) > 0.5 or len(set(text)) < len(text)
+    return not (np.all(nums == np.round(nums)) and np.all(np.diff(nums) > 0))
 
 
 def read_table(path, transpose=False):
@@ -197,12 +201,12 @@ def read_table(path, transpose=False):
         df = pd.read_csv(path, sep=sep, index_col=0)
     except Exception as e:  # pandas raises many kinds; all mean "not a readable table"
         raise DataError(f"cannot read '{path}' as a table ({type(e).__name__}: {e})") from None
-    if _data_not_names(list(df.columns)):
+    if _data_not_names(list(df.columns), header=True):
         raise DataError(f"'{path}': the first line is numbers, not names, so it looks like data; the "
                         f"table needs a header line of gene names (cell names with --transpose) and a "
                         f"first column of cell (gene) names, or its first cell and gene are lost")
-    if _data_not_names(list(df.index)):
-        raise DataError(f"'{path}': the first column is numbers but not row numbers, so it looks like "
+    if _data_not_names(list(df.index), header=False):
+        raise DataError(f"'{path}': the first column is numbers but not increasing row numbers, so it looks like "
                         f"data; the table needs a first column of cell (or gene) names")
     if transpose:
         df = df.T
@@ -244,8 +248,9 @@ def read_counts(path, label_key=None, labels=None, transpose=False, layer=None):
         if transpose:
             X = X.T
     elif path.endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")):
-        if layer:
-            raise DataError(f"--layer is for .h5ad files; '{path}' is a table")
+        if layer or label_key:
+            raise DataError(f"--{'layer' if layer else 'label-key'} is for HDF5 files; '{path}' is a table "
+                            f"(give its labels with --labels FILE)")
         X, rows, cols = read_table(path, transpose)
         y, used = None, "table" + (" (transposed)" if transpose else "")
         if not transpose and _genes_as_rows(rows, cols):
