@@ -501,7 +501,7 @@ def figure(results, seeds):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiments", nargs="*", default=["tune", "table1"], help=" ".join(EXPERIMENTS))
+    p.add_argument("experiments", nargs="*", default=["table1"], help=" ".join(EXPERIMENTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each")
     p.add_argument("--quick", action="store_true",
