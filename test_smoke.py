@@ -767,12 +767,24 @@ def test_each_method_learns_and_a_broken_loss_does_not(name, argv, separable):
 # ---------------------------------------------------------------------------------------------
 # Results files and the benchmark driver
 # ---------------------------------------------------------------------------------------------
+def test_collapse_signal():
+    rng = np.random.default_rng(0)
+    line = np.outer(rng.normal(size=500), rng.normal(size=60)) + 1e-6 * rng.normal(size=(500, 60))
+    spread = rng.normal(size=(500, 60))
+    assert common.effective_rank(line) < 1.1 and common.collapsed(line, common.effective_rank(line))
+    assert common.effective_rank(spread) > 45 and not common.collapsed(spread, common.effective_rank(spread))
+    assert not common.collapsed(line[:, :2], 1.0)  # a 2-d embedding (PCA-raw) is not judged
+
+
 def test_append_row_keeps_every_row(tmp_path):
     path = str(tmp_path / "r.csv")
     common.append_row(path, {"a": 1, "b": 2})
     common.append_row(path, {"a": 3, "c": 4})
     r = pd.read_csv(path)
     assert r["a"].tolist() == [1, 3] and list(r.columns) == ["a", "b", "c"]
+    common.append_row(path, {"a": 5, "config_id": "012345678901", "commit": "1234e56"})
+    r = pd.read_csv(path, dtype=common.TEXT_COLUMNS)
+    assert r["config_id"].iloc[-1] == "012345678901" and r["commit"].iloc[-1] == "1234e56"  # hashes stay text
     assert sorted(os.listdir(tmp_path)) == ["r.csv", "r.csv.lock"]  # no temporary file left
 
 
