@@ -311,10 +311,15 @@ def gene_stats(X):
 
 def hvg_from_stats(n, total, total_sq, n_top, n_bins=20):
     """scanpy highly_variable_genes(flavor='seurat', n_top_genes=n_top) from per-gene statistics of
-    the normalised (not log) values; returns a boolean gene mask. Dispersion = var / mean,
-    log-dispersions z-scored within 20 equal-width bins of log1p(mean)."""
+    the normalised (not log) values; returns a boolean gene mask."""
     mean = total / n
-    var = np.maximum(total_sq - n * mean ** 2, 0) / (n - 1)
+    return hvg_from_moments(mean, np.maximum(total_sq - n * mean ** 2, 0) / (n - 1), n_top, n_bins)
+
+
+def hvg_from_moments(mean, var, n_top, n_bins=20):
+    """The seurat HVG mask from per-gene means and variances (ddof=1) of the normalised values.
+    Dispersion = var / mean, log-dispersions z-scored within 20 equal-width bins of log1p(mean)."""
+    mean = mean.copy()
     mean[mean == 0] = 1e-12
     disp = var / mean
     disp[disp == 0] = np.nan
@@ -378,6 +383,75 @@ def preprocess(X, n_genes):
     X -= X.mean(0)
     X /= std
     return X.astype(np.float32), cells, genes
+
+
+# ---------------------------------------------------------------------------------------------
+# Federated preprocessing: the same steps from per-site statistics. SITE functions see one site's
+# counts; SERVER functions see only what the sites send: per-gene sums and moments, cell counts.
+# ---------------------------------------------------------------------------------------------
+def site_moments(X):
+    """SITE: per-gene (n, mean, M2 = sum of squared deviations) of its cells, two-pass."""
+    X = X.toarray() if sp.issparse(X) else X
+    mean = X.mean(0)
+    return len(X), mean, ((X - mean) ** 2).sum(0)
+
+
+def merge_moments(parts):
+    """SERVER: Chan et al.'s pairwise merge of per-site (n, mean, M2) into the pooled ones."""
+    n, mean, m2 = parts[0]
+    for nb, mb, m2b in parts[1:]:
+        delta, total = mb - mean, n + nb
+        mean, m2, n = mean + delta * nb / total, m2 + m2b + delta ** 2 * n * nb / total, total
+    return n, mean, m2
+
+
+def federated_kth(count_at_most, k, hi):
+    """SERVER: the k-th smallest (1-based) of the sites' integer values in [0, hi], by bisection:
+    each query asks every site only how many of its values are <= t."""
+    lo = 0
+    while lo < hi:
+        t = (lo + hi) // 2
+        if sum(f(t) for f in count_at_most) >= k:
+            hi = t
+        else:
+            lo = t + 1
+    return lo
+
+
+def preprocess_federated(sites, n_genes):
+    """preprocess() over several sites without pooling their cells. sites: raw counts (cells x the
+    same genes) per site. Returns (float32 matrix per site, kept cell indices per site, kept
+    genes); equal to preprocess() of the stacked sites up to float rounding."""
+    sites = [sp.csr_matrix(X, dtype=np.float64, copy=True) for X in sites]
+    for X in sites:
+        np.ceil(X.data, out=X.data)
+    # genes: SITES send per-gene totals, the SERVER keeps the non-empty genes
+    genes = np.flatnonzero(sum(np.asarray(X.sum(0)).ravel() for X in sites) >= 1)
+    sites = [X[:, genes] for X in sites]
+    # cells: each SITE drops its empty cells; library sizes stay on the sites
+    cells = [np.flatnonzero(np.asarray(X.sum(1)).ravel() >= 1) for X in sites]
+    sites = [X[c] for X, c in zip(sites, cells)]
+    lib = [np.asarray(X.sum(1)).ravel() for X in sites]
+    n = sum(len(l) for l in lib)
+    if n < 2 or len(genes) < 2:
+        raise DataError(f"after removing empty cells/genes only {n} cells x {len(genes)} genes are left")
+    # median library size: the SERVER bisects on "how many of your cells have a total <= t"
+    count_at_most = [lambda t, l=l: int((l <= t).sum()) for l in lib]
+    hi = int(sum(l.sum() for l in lib))  # an aggregate bound: the sum of all counts
+    median = federated_kth(count_at_most, (n + 1) // 2, hi)
+    if n % 2 == 0:
+        median = (median + federated_kth(count_at_most, n // 2 + 1, hi)) / 2
+    for X, l in zip(sites, lib):  # each SITE scales its cells to the median
+        X.data *= np.repeat(median / l, np.diff(X.indptr))
+    # HVGs: SITES send per-gene moments of the normalised values, the SERVER picks the genes
+    n_all, mean, m2 = merge_moments([site_moments(X) for X in sites])
+    keep = hvg_from_moments(mean, m2 / (n_all - 1), n_genes)
+    logs = [np.log1p(X[:, np.flatnonzero(keep)].toarray()) for X in sites]
+    # scaling: SITES send moments of the log values, the SERVER returns each gene's mean and std
+    _, mean, m2 = merge_moments([site_moments(L) for L in logs])
+    std = np.sqrt(m2 / (n_all - 1))
+    std[std == 0] = 1
+    return [((L - mean) / std).astype(np.float32) for L in logs], cells, genes[keep]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -455,6 +455,37 @@ def test_preprocess_sparse_equals_dense_and_a_direct_computation():
     assert np.allclose(dense, ref, atol=1e-5)
 
 
+def _federated_vs_pooled(X, bounds, n_genes):
+    sites = [X[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    pooled, cells, genes = D.preprocess(X, n_genes)
+    fed, fed_cells, fed_genes = D.preprocess_federated(sites, n_genes)
+    assert np.array_equal(genes, fed_genes)  # the same genes
+    assert np.array_equal(cells, np.concatenate([c + a for c, a in zip(fed_cells, bounds)]))
+    assert np.abs(pooled - np.concatenate(fed)).max() < 1e-5  # the same scaled matrix
+
+
+def test_federated_preprocessing_equals_pooled_on_uneven_sites():
+    X, _ = D.synthetic_counts(n_cells=400, n_genes=300, seed=8)
+    X[5] = 0  # an empty cell on site 0
+    X[:, 7] = 0  # an empty gene
+    for n in (50, 120):
+        _federated_vs_pooled(X, [0, 13, 60, 251, 400], n)  # four sites of 13, 47, 191 and 149 cells
+    assert D.federated_kth([lambda t: int((np.array([5, 1, 9]) <= t).sum()), lambda t: int((np.array([4]) <= t).sum())],
+                           2, 100) == 4  # the 2nd smallest of 5, 1, 9, 4
+
+
+@pytest.mark.parametrize("name", ["10X_PBMC_top2000.h5", "mouse_bladder_cell_top2000.h5"])
+def test_federated_preprocessing_equals_pooled_on_the_benchmarks(name):
+    path = os.path.join(REAL, name)
+    if not os.path.exists(path):
+        pytest.skip("benchmark file not available")
+    X, y, _, _ = D.read_counts(path)
+    parts = D.partition(y, 4, "class", 2 if "PBMC" in name else 4, seed=0)
+    order = np.concatenate(parts)  # the cells site by site, as the paper's class split puts them
+    bounds = np.cumsum([0] + [len(p) for p in parts]).tolist()
+    _federated_vs_pooled(X[order], bounds, 500 if "PBMC" in name else 1500)
+
+
 def test_mask_rate_and_scaling():
     x = torch.ones(400, 500)
     g = torch.Generator().manual_seed(0)
