@@ -198,6 +198,7 @@ class Data:
     n_clusters: int
     cells: np.ndarray        # row numbers of the kept cells in the input file
     label_names: typing.Optional[np.ndarray] = None
+    barcodes: typing.Optional[np.ndarray] = None  # of the kept cells, when the file names them
     t_start: float = dataclasses.field(default_factory=time.time)
 
 
@@ -306,8 +307,9 @@ def resolve(args, script=None):
 def load(args):
     """Read and preprocess the data; returns (Data without parts, the raw counts as read)."""
     path = D.resolve_data(args.data)
+    found = {}  # gene names and barcodes, when the file has them
     counts, y, names, used = D.read_counts(path, args.label_key or None, args.labels or None,
-                                           args.transpose, args.layer or None)
+                                           args.transpose, args.layer or None, found)
     if y is None and args.n_clusters < 1:
         raise D.DataError(f"'{path}' has no cell-type labels: pass --n-clusters to choose k "
                           f"(only the label-free metrics will be reported)")
@@ -318,7 +320,8 @@ def load(args):
         raise D.DataError(f"--n-clusters {k} is more than the {len(X)} cells")
     print(f"data {path} ({used}): {len(X)} cells x {X.shape[1]} genes, "
           f"{'no labels' if y is None else f'{len(np.unique(y))} types'}", flush=True)
-    return Data(X, y, [], k, cells, names), counts
+    barcodes = found.get("barcodes")
+    return Data(X, y, [], k, cells, names, None if barcodes is None else np.asarray(barcodes)[cells]), counts
 
 
 def setup(args):
@@ -641,7 +644,8 @@ def save_run(args, data, log, status, metrics=None, h=None, pred=None):
         client = np.full(len(data.X), -1)
         for k, idx in enumerate(data.parts):
             client[idx] = k
-        table = {"cell": data.cells, "client": client}
+        table = {"cell": data.cells} | ({} if data.barcodes is None else {"barcode": data.barcodes})
+        table["client"] = client
         if data.y is not None:
             table["label"] = data.y
             if data.label_names is not None:

@@ -49,10 +49,15 @@ def data_dir():
 
 
 def sha256sum(path):
+    """sha256 of a file, or of a folder's files (names and contents, sorted), e.g. a 10x mtx folder."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path))
+    for name in files:
+        if os.path.isdir(path):
+            h.update(os.path.basename(name).encode() + b"\0")
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -134,7 +139,50 @@ def _h5ad_column(f, key):
     return values
 
 
-def read_h5(path, label_key=None, layer=None):
+def _gene_expression(types):
+    """Rows of a 10x feature list that are genes (Cell Ranger also lists antibody captures etc.)."""
+    return np.ones(len(types), bool) if types is None else np.asarray(types).astype(str) == "Gene Expression"
+
+
+def read_10x_h5(f, path, names):
+    """Cell Ranger HDF5 (filtered_feature_bc_matrix.h5): v3 /matrix with features/, v2 /<genome>
+    with genes/gene_names; genes x cells CSC, returned as cells x genes (gene expression only)."""
+    g = f["matrix"] if "matrix" in f else f[next(k for k in f.keys() if "barcodes" in f[k])]
+    X = sp.csc_matrix((g["data"][()], g["indices"][()], g["indptr"][()]), shape=tuple(g["shape"][()])).T.tocsr()
+    if "features" in g:
+        genes = _decode(g["features"]["name"][()])
+        keep = _gene_expression(_decode(g["features"]["feature_type"][()]) if "feature_type" in g["features"] else None)
+    else:
+        genes, keep = _decode(g["gene_names"][()]), np.ones(X.shape[1], bool)
+    names.update(genes=genes[keep], barcodes=_decode(g["barcodes"][()]))
+    return X[:, np.flatnonzero(keep)], "10x HDF5" + ("" if keep.all() else f" ({keep.sum()} gene expression features)")
+
+
+def read_10x_mtx(folder, names):
+    """A 10x folder: matrix.mtx(.gz) (genes x cells), features.tsv(.gz) or genes.tsv, barcodes.tsv(.gz)."""
+    import pandas as pd
+    import scipy.io
+    find = lambda *cands: next((os.path.join(folder, c) for c in cands if os.path.exists(os.path.join(folder, c))), None)
+    mtx = find("matrix.mtx.gz", "matrix.mtx")
+    feats, bcs = find("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"), find("barcodes.tsv.gz", "barcodes.tsv")
+    if not (mtx and feats and bcs):
+        raise DataError(f"'{folder}' is a folder but not a 10x matrix folder: it needs matrix.mtx(.gz), "
+                        f"features.tsv(.gz) or genes.tsv, and barcodes.tsv(.gz)")
+    try:
+        X = sp.csr_matrix(scipy.io.mmread(mtx).T)
+        features = pd.read_csv(feats, sep="\t", header=None, dtype=str)
+        barcodes = pd.read_csv(bcs, sep="\t", header=None, dtype=str)[0].to_numpy()
+    except Exception as e:  # scipy and pandas raise many kinds; all mean "not readable"
+        raise DataError(f"cannot read the 10x folder '{folder}' ({type(e).__name__}: {e})") from None
+    if len(features) != X.shape[1] or len(barcodes) != X.shape[0]:
+        raise DataError(f"'{folder}': matrix.mtx is {X.shape[1]} genes x {X.shape[0]} cells but the folder "
+                        f"lists {len(features)} features and {len(barcodes)} barcodes")
+    keep = _gene_expression(features[2].to_numpy() if features.shape[1] > 2 else None)
+    names.update(genes=features[1 if features.shape[1] > 1 else 0].to_numpy()[keep], barcodes=barcodes)
+    return X[:, np.flatnonzero(keep)], "10x mtx folder"
+
+
+def read_h5(path, label_key=None, layer=None, names=None):
     """scDeepCluster HDF5 (X, Y, optional label_names) or AnnData .h5ad (X, layers/<name>, raw/X,
     obs columns). Returns (counts, labels or None, which matrix was read)."""
     import h5py
@@ -142,7 +190,13 @@ def read_h5(path, label_key=None, layer=None):
         f = h5py.File(path, "r")
     except OSError as e:
         raise DataError(f"cannot read '{path}' as HDF5 ({e})") from None
+    names = {} if names is None else names
     with f:
+        if "matrix" in f or any(isinstance(f[k], h5py.Group) and "barcodes" in f[k] for k in f.keys()):
+            if layer or label_key:
+                raise DataError(f"'{path}' is a 10x HDF5 file: it has no layers or labels (give --labels FILE)")
+            X, used = read_10x_h5(f, path, names)
+            return X, None, used
         if "obs" in f:  # AnnData layout
             if layer == "raw":
                 if "raw" not in f or "X" not in f["raw"]:
@@ -172,6 +226,9 @@ def read_h5(path, label_key=None, layer=None):
             raise DataError(f"'{path}' has no labels dataset '{label_key}'")
         if y is not None and key == "Y" and "label_names" in f:  # integer codes -> their names
             y = _decode(f["label_names"][()])[np.asarray(y).astype(int)]
+        for ours, theirs in (("genes", "gene_names"), ("barcodes", "cell_names")):
+            if theirs in f:
+                names[ours] = _decode(f[theirs][()])
         return X, _decode(y) if y is not None else None, "X"
 
 
@@ -235,16 +292,27 @@ def read_labels(path):
     return np.array([l.replace("\t", ",").split(",")[-1].strip().strip('"') for l in lines])
 
 
-def read_counts(path, label_key=None, labels=None, transpose=False, layer=None):
-    """Pick the reader from the file itself: HDF5 (scDeepCluster X/Y or AnnData) or a text table.
-    Returns (counts cells x genes, label codes or None, label names or None, which matrix was read)."""
+def read_counts(path, label_key=None, labels=None, transpose=False, layer=None, names=None):
+    """Pick the reader from the file itself: HDF5 (scDeepCluster X/Y, AnnData or 10x), a 10x mtx
+    folder, or a text table. Returns (counts cells x genes, label codes or None, label names or
+    None, which matrix was read); names (a dict), when given, gets the genes and barcodes found."""
+    names = {} if names is None else names
+    if os.path.isdir(path):
+        if layer or label_key:
+            raise DataError(f"'{path}' is a 10x folder: it has no layers or labels (give --labels FILE)")
+        X, used = read_10x_mtx(path, names)
+        y = None
+        if labels:
+            y = read_labels(labels)
+            y = y[1:] if len(y) == X.shape[0] + 1 else y
+        return check_counts(X, y, path) + (used,)
     if not os.path.isfile(path):
         raise DataError(f"data file '{path}' does not exist or is not a file")
     with open(path, "rb") as f:
         is_hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
     rows = None
     if is_hdf5:
-        X, y, used = read_h5(path, label_key, layer)
+        X, y, used = read_h5(path, label_key, layer, names)
         if transpose:
             X = X.T
     elif path.endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")):
@@ -253,6 +321,7 @@ def read_counts(path, label_key=None, labels=None, transpose=False, layer=None):
                             f"(give its labels with --labels FILE)")
         X, rows, cols = read_table(path, transpose)
         y, used = None, "table" + (" (transposed)" if transpose else "")
+        names.update(barcodes=rows, genes=cols)
         if not transpose and _genes_as_rows(rows, cols):
             raise DataError(f"'{path}': the rows look like genes ({rows[0]}, ...) and the columns like "
                             f"cells ({cols[0]}, ...): the table is probably genes x cells; pass --transpose")

@@ -390,6 +390,58 @@ def test_h5_transpose_and_label_names(tmp_path):
     assert np.array_equal(Xr, X) and list(ln) == list(names[np.unique(y)]) and np.array_equal(ln[yr], names[y])
 
 
+def _write_10x(tmp, X, with_antibody=True):
+    """X (cells x genes) as Cell Ranger writes it: an HDF5 (v3) and a gzipped mtx folder, genes x
+    cells, plus one antibody-capture feature that is not a gene."""
+    import gzip
+    import scipy.io
+    genes = np.array([f"Gene{i}" for i in range(X.shape[1])] + (["CD3_TotalSeqB"] if with_antibody else []))
+    types = np.array(["Gene Expression"] * X.shape[1] + (["Antibody Capture"] if with_antibody else []))
+    full = np.hstack([X, np.full((len(X), 1), 7.0)]) if with_antibody else X
+    barcodes = np.array([f"AAACCTGAG{i:07d}-1" for i in range(len(X))])
+    m = sp.csc_matrix(full.T.astype(np.int32))
+    with h5py.File(tmp / "filtered_feature_bc_matrix.h5", "w") as f:
+        g = f.create_group("matrix")
+        g["data"], g["indices"], g["indptr"], g["shape"] = m.data, m.indices, m.indptr, np.array(m.shape)
+        g["barcodes"] = barcodes.astype("S")
+        feats = g.create_group("features")
+        feats["id"], feats["name"], feats["feature_type"] = genes.astype("S"), genes.astype("S"), types.astype("S")
+    folder = tmp / "filtered_feature_bc_matrix"
+    folder.mkdir()
+    with gzip.open(folder / "matrix.mtx.gz", "wb") as f:
+        scipy.io.mmwrite(f, sp.coo_matrix(full.T.astype(np.int32)))
+    with gzip.open(folder / "features.tsv.gz", "wt") as f:
+        f.writelines(f"ENSG{i:011d}\t{g}\t{t}\n" for i, (g, t) in enumerate(zip(genes, types)))
+    with gzip.open(folder / "barcodes.tsv.gz", "wt") as f:
+        f.writelines(b + "\n" for b in barcodes)
+    return str(tmp / "filtered_feature_bc_matrix.h5"), str(folder), barcodes
+
+
+def test_10x_h5_and_mtx_folder_readers(tmp_path):
+    X, y = D.synthetic_counts(n_cells=40, n_genes=25, seed=9)
+    h5, folder, barcodes = _write_10x(tmp_path, X)
+    for path in (h5, folder):
+        names = {}
+        Xr, yr, _, used = D.read_counts(path, names=names)
+        assert np.array_equal(Xr.toarray(), X) and yr is None and "10x" in used  # the antibody row is dropped
+        assert list(names["genes"]) == [f"Gene{i}" for i in range(25)] and list(names["barcodes"]) == list(barcodes)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(D.DataError, match="not a 10x matrix folder"):
+        D.read_counts(str(tmp_path / "empty"))
+
+
+def test_a_10x_folder_end_to_end_keeps_barcodes(tmp_path):
+    X, y = D.synthetic_counts(n_cells=120, n_genes=80, seed=10)
+    _, folder, barcodes = _write_10x(tmp_path, X, with_antibody=False)
+    (tmp_path / "labels.txt").write_text("\n".join(str(v) for v in y))
+    out = str(tmp_path / "r.csv")
+    p = run(["fedsc.py", "--data", folder, "--labels", str(tmp_path / "labels.txt"), "--clients", "2",
+             "--out", out] + TINY)
+    assert p.returncode == 0, p.stderr
+    cl = pd.read_csv(os.path.join(tmp_path, "runs", rows(out)["run"][0], "clusters.csv"))
+    assert list(cl["barcode"]) == list(barcodes[cl["cell"]])
+
+
 def test_csv_reader_with_labels_file(tmp_path):
     X, y = D.synthetic_counts(n_cells=40, n_genes=20, seed=3)
     pd.DataFrame(X).to_csv(tmp_path / "c.csv")  # a row-number index column, as pandas writes
