@@ -90,7 +90,7 @@ class FedArgs(DataArgs):
     partition: typing.Literal["class", "iid", "dirichlet"] = "class"
     """how cells are split over clients: c cell types per client (EasyFL non_iid_class), iid, or dirichlet"""
     types_per_client: int = 0
-    """cell types per client for --partition class; 0 = ceil(types / clients), the paper's value on both benchmarks (PBMC 2, bladder 4)"""
+    """cell types per client for --partition class; 0 = floor(types / clients), the paper's value on both benchmarks (PBMC 2, bladder 4); a larger value splits types and leaves parts of them on no client"""
     rounds: int = 300
     """communication rounds R"""
     local_epochs: int = 5
@@ -339,8 +339,8 @@ def setup(args):
     if len(data.X) < args.clients:
         raise D.DataError(f"{len(data.X)} cells for {args.clients} clients; use fewer --clients")
     if args.partition == "class" and data.y is not None and not args.types_per_client:
-        args.types_per_client = math.ceil(len(np.unique(data.y)) / args.clients)
-        print(f"types per client: {args.types_per_client} (ceil of {len(np.unique(data.y))} types / {args.clients} clients)")
+        args.types_per_client = max(1, len(np.unique(data.y)) // args.clients)
+        print(f"types per client: {args.types_per_client} (floor of {len(np.unique(data.y))} types / {args.clients} clients)")
     data.parts = D.partition(data.y, args.clients, args.partition, args.types_per_client,
                              args.dirichlet_alpha, args.seed, args.shuffle_classes, n_cells=len(data.X))
     for k, idx in enumerate(data.parts):

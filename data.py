@@ -38,10 +38,10 @@ BENCHMARKS = {
     "mouse_bladder": dict(file="mouse_bladder_cell_top2000.h5", n_genes=1500, types_per_client=4,
                           sha256="2a97282cf325a4b2a63c2b818be82c453007f29838c7280f30dadd01be4501ab"),
     # out-of-sample check (Baron et al. 2016, GEO GSE84133, two mice); not downloadable from a pin
-    "baron_mouse_pancreas": dict(file="baron_mouse_pancreas.h5", url=None, types_per_client=4,
+    "baron_mouse_pancreas": dict(file="baron_mouse_pancreas.h5", url=None, types_per_client=3,
                                  sha256="799d87f4a62ca46b9206579801e883cbde8c1e739b4b75f7ab1e949f25e88366"),
 }
-DEFAULT_N_GENES = 500  # for any other file (contrastive-sc's default); types per client: ceil(C / K)
+DEFAULT_N_GENES = 500  # for any other file (contrastive-sc's default); types per client: floor(C / K)
 
 
 def data_dir():
