@@ -570,6 +570,75 @@ def cluster_metrics(h, y, n_clusters, seed):
     return out, pred
 
 
+# ---------------------------------------------------------------------------------------------
+# Federated evaluation: SITE functions see one site's embedding; the SERVER gets per-cluster sums,
+# counts, inertias and contingency tables, never one row per cell
+# ---------------------------------------------------------------------------------------------
+def site_assign(h, centroids):
+    """SITE: nearest centroid of each of its cells, and per-cluster (sum, count, inertia)."""
+    d = (h ** 2).sum(1)[:, None] - 2 * h @ centroids.T + (centroids ** 2).sum(1)[None]
+    labels = d.argmin(1)
+    k = len(centroids)
+    sums = np.zeros_like(centroids)
+    np.add.at(sums, labels, h)
+    return labels, sums, np.bincount(labels, minlength=k), np.maximum(d[np.arange(len(h)), labels], 0).sum()
+
+
+def federated_lloyd(sites, centroids, max_iter=300):
+    """SERVER: Lloyd's KMeans over the sites: each iteration the sites assign their cells and send
+    per-cluster sums and counts; the server moves the centroids (an empty cluster keeps its
+    centroid). Stops when no site's labels change. Returns (centroids, labels per site, inertia)."""
+    labels = [None] * len(sites)
+    for _ in range(max_iter):
+        out = [site_assign(h, centroids) for h in sites]
+        changed = any(old is None or (old != new).any() for old, (new, *_) in zip(labels, out))
+        labels = [o[0] for o in out]
+        sums, counts = sum(o[1] for o in out), sum(o[2] for o in out)
+        if not changed:
+            break
+        centroids = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centroids)
+    return centroids, labels, sum(o[3] for o in out)
+
+
+def federated_kmeans(sites, k, seed, n_init=10):
+    """SERVER: KMeans without pooling embeddings. Each site runs a local KMeans and sends its k
+    centroids with their cell counts; the server seeds each restart by weighted k-means++ over
+    those centroids, runs federated Lloyd, and keeps the restart with the smallest summed inertia."""
+    from sklearn.cluster import KMeans, kmeans_plusplus
+    local, weights = [], []
+    for h in sites:  # on each SITE: k local centroids (fewer if it has fewer cells) and their sizes
+        km = KMeans(min(k, len(h)), n_init=1, random_state=seed).fit(h)
+        local.append(km.cluster_centers_)
+        weights.append(np.bincount(km.labels_, minlength=len(km.cluster_centers_)))
+    local, weights = np.concatenate(local), np.concatenate(weights).astype(float)
+    rng, best = np.random.RandomState(seed), None
+    for _ in range(n_init):
+        init, _ = kmeans_plusplus(local, k, sample_weight=weights, random_state=rng)
+        fit = federated_lloyd(sites, init)
+        if best is None or fit[2] < best[2]:
+            best = fit
+    return best
+
+
+def site_contingency(y, labels, n_classes, k):
+    """SITE: counts of (true type, cluster) pairs over its cells."""
+    return np.bincount(y * k + labels, minlength=n_classes * k).reshape(n_classes, k)
+
+
+def scores_from_contingency(table):
+    """SERVER: ARI and NMI (arithmetic) from the summed contingency table, in percent."""
+    from sklearn.metrics.cluster import mutual_info_score
+    comb = lambda x: (x * (x - 1) / 2).sum()
+    n, a, b = table.sum(), comb(table.sum(1)), comb(table.sum(0))
+    expected = a * b / (n * (n - 1) / 2)
+    ari = (comb(table) - expected) / ((a + b) / 2 - expected) if (a + b) / 2 != expected else 1.0
+    entropy = lambda p: -(p[p > 0] / n * np.log(p[p > 0] / n)).sum()
+    h_true, h_pred = entropy(table.sum(1)), entropy(table.sum(0))
+    mi = mutual_info_score(None, None, contingency=table)
+    nmi = 1.0 if h_true == h_pred == 0 else mi / max((h_true + h_pred) / 2, 1e-300)
+    return 100 * ari, 100 * nmi
+
+
 def append_row(path, row):
     """Append one row to a CSV under a lock, by writing a new file and renaming it over the old:
     an interrupted or parallel run never leaves a half-written row."""

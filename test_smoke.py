@@ -605,6 +605,26 @@ def test_fedavg_is_cell_weighted_mean_including_bn_stats():
     assert "1.running_mean" in avg and not torch.allclose(avg["1.running_mean"], states[0]["1.running_mean"])
 
 
+def test_federated_lloyd_equals_pooled_lloyd_and_scores_equal_pooled():
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 600)
+    h = rng.normal(size=(600, 5)) + 3 * np.eye(5)[y]
+    init = h[[0, 1, 2, 3]]
+    sites = [h[:50], h[50:320], h[320:]]  # uneven sites
+    cent, labels, inertia = common.federated_lloyd(sites, init.copy())
+    ref = KMeans(4, init=init, n_init=1, algorithm="lloyd", tol=0, max_iter=300).fit(h)
+    assert np.allclose(cent, ref.cluster_centers_, atol=1e-10) and inertia == pytest.approx(ref.inertia_)
+    assert np.array_equal(np.concatenate(labels), ref.labels_)
+    pred = np.concatenate(labels)
+    table = sum(common.site_contingency(y[a:b], l, 4, 4) for (a, b), l in zip([(0, 50), (50, 320), (320, 600)], labels))
+    ari, nmi = common.scores_from_contingency(table)
+    assert ari == pytest.approx(100 * adjusted_rand_score(y, pred)) and nmi == pytest.approx(100 * normalized_mutual_info_score(y, pred))
+    _, _, fed_inertia = common.federated_kmeans(sites, 4, seed=0)  # seeded from the sites' centroids only
+    assert fed_inertia <= 1.001 * KMeans(4, n_init=10, random_state=0).fit(h).inertia_
+
+
 def test_lr_and_tau_schedules_follow_their_formulas():
     a = parse("fedbyol", ["--rounds", "10", "--lr", "0.2"])
     lrs = [common.learning_rate(a, t) for t in range(10)]
