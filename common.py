@@ -33,6 +33,7 @@ import typing
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -115,6 +116,10 @@ class FedArgs(DataArgs):
     """also cluster, print ARI and the collapse signal every N rounds (0 = only at the end)"""
     embed: typing.Literal["backbone", "head"] = "backbone"
     """cluster the 60-d backbone output, or the 128-d head output"""
+    preprocess: typing.Literal["pooled", "federated"] = "pooled"
+    """pooled: preprocess all cells together before the split (the paper); federated: split the raw counts first, then preprocess from per-site statistics only (the same result)"""
+    evaluate: typing.Literal["pooled", "federated"] = "pooled"
+    """pooled: KMeans and metrics on every cell's embedding in one place (the paper); federated: each site embeds its own cells, KMeans and ARI/NMI/CH from per-site sums, silhouette simplified (centroid-based); cells on no client are not evaluated"""
 
 
 def _field_docs(cls):
@@ -324,6 +329,36 @@ def load(args):
     return Data(X, y, [], k, cells, names, None if barcodes is None else np.asarray(barcodes)[cells]), counts
 
 
+def load_federated(args):
+    """Split the raw counts over the clients first, then preprocess them from per-site statistics
+    (data.preprocess_federated); Data.X holds the sites' cells one site after another."""
+    path = D.resolve_data(args.data)
+    found = {}
+    counts, y, names, used = D.read_counts(path, args.label_key or None, args.labels or None,
+                                           args.transpose, args.layer or None, found)
+    if y is None and args.n_clusters < 1:
+        raise D.DataError(f"'{path}' has no cell-type labels: pass --n-clusters to choose k")
+    if args.partition == "class" and y is not None and not args.types_per_client:
+        args.types_per_client = max(1, len(np.unique(y)) // args.clients)
+    parts = D.partition(y, args.clients, args.partition, args.types_per_client, args.dirichlet_alpha,
+                        args.seed, args.shuffle_classes, n_cells=counts.shape[0])
+    counts = sp.csr_matrix(counts)
+    sites, kept, genes = D.preprocess_federated([counts[p] for p in parts], args.n_genes)
+    cells = np.concatenate([p[k] for p, k in zip(parts, kept)])
+    sizes = np.cumsum([0] + [len(k) for k in kept])
+    for k, n in enumerate(np.diff(sizes)):
+        if n < 2:
+            raise D.DataError(f"client {k} holds {n} non-empty cell(s); every client needs at least 2")
+    y = None if y is None else y[cells]
+    barcodes = found.get("barcodes")
+    data = Data(np.concatenate(sites), y, [np.arange(a, b) for a, b in zip(sizes[:-1], sizes[1:])],
+                args.n_clusters or len(np.unique(y)), cells, names,
+                None if barcodes is None else np.asarray(barcodes)[cells])
+    print(f"data {path} ({used}), preprocessed per site: {len(cells)} cells on the clients x "
+          f"{len(genes)} genes", flush=True)
+    return data
+
+
 def setup(args):
     """Check the arguments, resolve the defaults, print the config, seed everything, then load,
     preprocess and partition the data. Everything a user can get wrong fails here, before training."""
@@ -334,15 +369,16 @@ def setup(args):
     print(f"config {json.dumps(vars(args))}", flush=True)
     print(f"torch {torch.__version__}  clients trained at once {args.threads}", flush=True)
     seed_everything(args.seed)
-    data, _ = load(args)
+    data = load_federated(args) if args.preprocess == "federated" else load(args)[0]
     data.t_start = t_start
     if len(data.X) < args.clients:
         raise D.DataError(f"{len(data.X)} cells for {args.clients} clients; use fewer --clients")
     if args.partition == "class" and data.y is not None and not args.types_per_client:
         args.types_per_client = max(1, len(np.unique(data.y)) // args.clients)
         print(f"types per client: {args.types_per_client} (floor of {len(np.unique(data.y))} types / {args.clients} clients)")
-    data.parts = D.partition(data.y, args.clients, args.partition, args.types_per_client,
-                             args.dirichlet_alpha, args.seed, args.shuffle_classes, n_cells=len(data.X))
+    if args.preprocess == "pooled":
+        data.parts = D.partition(data.y, args.clients, args.partition, args.types_per_client,
+                                 args.dirichlet_alpha, args.seed, args.shuffle_classes, n_cells=len(data.X))
     for k, idx in enumerate(data.parts):
         types = "" if data.y is None else f"  types {sorted(set(data.y[idx].tolist()))}"
         print(f"client {k}: {len(idx)} cells{types}", flush=True)
@@ -684,11 +720,46 @@ def run_folder(args):
     return tempfile.mkdtemp(prefix=name + "__" + time.strftime("%Y%m%d-%H%M%S") + "__", dir=runs)
 
 
+def federated_metrics(h, data, seed):
+    """--evaluate federated: each client embeds its own cells (the rows data.parts[k] of h) and
+    only per-cluster sums, counts, inertias and contingency tables reach the server. Cells held by
+    no client are not evaluated (pred = -1)."""
+    if not np.isfinite(h).all():
+        raise Diverged("the embedding holds NaN or inf values; try a smaller --lr")
+    sites = [h[idx] for idx in data.parts]
+    cent, labels, inertia = federated_kmeans(sites, data.n_clusters, seed)
+    out = {"erank": effective_rank(np.concatenate(sites))}
+    k, n = len(cent), sum(len(s) for s in sites)
+    if data.y is not None:
+        n_classes = int(data.y.max()) + 1
+        table = sum(site_contingency(data.y[idx], l, n_classes, k) for idx, l in zip(data.parts, labels))
+        out["ari"], out["nmi"] = scores_from_contingency(table)
+    counts = sum(np.bincount(l, minlength=k) for l in labels)
+    mean = sum(s.sum(0) for s in sites) / n  # SERVER: from per-site sums
+    between = (counts * ((cent - mean) ** 2).sum(1)).sum()
+    out["ch"] = between / (k - 1) / (inertia / (n - k)) if inertia > 0 and (counts > 0).sum() > 1 else float("nan")
+    sil = 0.0
+    for s, l in zip(sites, labels):  # SITE: simplified silhouette of its cells, summed
+        d = np.sqrt(np.maximum((s ** 2).sum(1)[:, None] - 2 * s @ cent.T + (cent ** 2).sum(1)[None], 0))
+        a = d[np.arange(len(s)), l]
+        d[np.arange(len(s)), l] = np.inf
+        b = d.min(1)
+        sil += np.where(np.maximum(a, b) > 0, (b - a) / np.maximum(np.maximum(a, b), 1e-300), 0).sum()
+    out["sil_simplified"] = 100 * sil / n
+    pred = np.full(len(h), -1)
+    for idx, l in zip(data.parts, labels):
+        pred[idx] = l
+    return out, pred
+
+
 def finish(args, data, model=None, log=None, h=None):
     """Cluster the final global encoder's embedding (or a given one, h) and save the run."""
     h = embed(args, model, data.X) if h is None else h
     try:
-        metrics, pred = cluster_metrics(h, data.y, data.n_clusters, args.seed)
+        if getattr(args, "evaluate", "pooled") == "federated":
+            metrics, pred = federated_metrics(h, data, args.seed)
+        else:
+            metrics, pred = cluster_metrics(h, data.y, data.n_clusters, args.seed)
     except Diverged:  # NaN weights after the last step: the row says so
         save_run(args, data, log, "diverged")
         raise

@@ -165,6 +165,26 @@ def test_unlabelled_genes_by_cells_csv(tmp_path):
         os.path.join(tmp_path, "runs", r["run"][0], "clusters.csv"))) == 200
 
 
+def test_federated_preprocessing_and_evaluation_end_to_end(synth, tmp_path):
+    """--preprocess federated trains the same encoder as pooled preprocessing (every cell is on a
+    client here); --evaluate federated reports ARI/NMI from the summed contingency table, which
+    equals the ARI of the clusters it saved."""
+    out = str(tmp_path / "r.csv")
+    runs = {}
+    for extra in ([], ["--preprocess", "federated", "--evaluate", "federated"]):
+        p = run(["fedsc.py", "--data", synth, "--clients", "2", "--partition", "iid", "--out", out] + TINY + extra)
+        assert p.returncode == 0, p.stderr
+        r = rows(out).iloc[-1]
+        folder = os.path.join(tmp_path, "runs", r["run"])
+        cl = pd.read_csv(os.path.join(folder, "clusters.csv"))
+        runs[bool(extra)] = (r, cl, np.load(os.path.join(folder, "embedding.npy")))
+    (r0, cl0, h0), (r1, cl1, h1) = runs[False], runs[True]
+    assert sorted(cl1["cell"]) == list(cl0["cell"])
+    assert np.allclose(h1[np.argsort(cl1["cell"].to_numpy())], h0, atol=1e-5)  # the same encoder
+    assert r1["ari"] == pytest.approx(100 * adjusted_rand_score(cl1["label"], cl1["cluster"]))
+    assert np.isfinite(r1["sil_simplified"]) and np.isfinite(r1["ch"])
+
+
 def test_diverged_run_says_so_and_records_it(synth, tmp_path):
     out = str(tmp_path / "r.csv")
     p = run(["fedsimclr.py", "--data", synth, "--clients", "2", "--out", out, "--lr", "1e30"] + TINY)
