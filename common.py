@@ -84,6 +84,8 @@ class DataArgs:
 @dataclass
 class FedArgs(DataArgs):
     """The federated protocol; defaults are the paper's (README: Protocol)."""
+    sites: typing.List[str] = dataclasses.field(default_factory=list)
+    """one data file per client (--sites a.h5ad b.h5ad ...): no partition; genes matched by name; preprocessing from per-site statistics (the same result as pooled); --data is then unused"""
     recipe: typing.Literal["paper", "tuned"] = "paper"
     """paper: the paper's protocol; tuned: this method's lr / rounds / local epochs chosen on 10X PBMC by run_all.sh tune (recipes.json); flags given explicitly still win"""
     clients: int = 4
@@ -146,6 +148,8 @@ def _parser(cls, with_defaults=True):
         kw = dict(default=f.default if with_defaults else argparse.SUPPRESS, help=docs.get(f.name, " "))
         if f.type is bool:  # False by default: a plain switch; True by default: --x / --no-x
             kw["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
+        elif typing.get_origin(f.type) is list:  # --sites a.h5ad b.h5ad ...
+            kw.update(nargs="+", type=str, default=f.default_factory() if with_defaults else argparse.SUPPRESS)
         elif typing.get_origin(f.type) is typing.Literal:
             kw.update(choices=typing.get_args(f.type), type=type(typing.get_args(f.type)[0]))
         else:
@@ -229,6 +233,8 @@ def check_args(args):
     need(args.n_genes >= 0, f"--n-genes must be positive (or 0 for the default), got {args.n_genes}")
     need(args.n_clusters == 0 or args.n_clusters >= 2, f"--n-clusters must be at least 2 (or 0 = number of types), got {args.n_clusters}")
     if isinstance(args, FedArgs):
+        if args.sites:
+            args.clients = len(args.sites)  # one client per site file
         need(args.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm needs two cells), got {args.batch_size}")
         need(0 <= args.mask_rate < 1, f"--mask-rate must be in [0, 1), got {args.mask_rate}")
         need(args.lr > 0, f"--lr must be positive, got {args.lr}")
@@ -298,8 +304,12 @@ def git_commit():
 def resolve(args, script=None):
     """Fill in what a run's row must record: dataset defaults (0 = the benchmark's value; a
     benchmark given by path is recognised by its sha256), the data file's sha256 and the code hash."""
-    path = D.resolve_data(args.data)
-    digest = D.sha256sum(path)
+    if getattr(args, "sites", None):  # the sites' files, in order
+        for k, site in enumerate(args.sites):
+            check(os.path.exists(site), f"site {k} ('{site}'): the file does not exist")
+        digest = hashlib.sha256("".join(D.sha256sum(s) for s in args.sites).encode()).hexdigest()
+    else:
+        digest = D.sha256sum(D.resolve_data(args.data))
     bench = next((b for b in D.BENCHMARKS.values() if b["sha256"] == digest), {})
     args.n_genes = args.n_genes or bench.get("n_genes", D.DEFAULT_N_GENES)
     if isinstance(args, FedArgs) and not args.types_per_client and "types_per_client" in bench:
@@ -359,6 +369,54 @@ def load_federated(args):
     return data
 
 
+def load_sites(args):
+    """--sites: one client per file. Each site reads its own file; the server learns only gene names
+    (to match them) and label names; preprocessing uses per-site statistics only."""
+    reads = []
+    for k, path in enumerate(args.sites):
+        found = {}
+        try:
+            counts, y, names, used = D.read_counts(path, args.label_key or None, None, args.transpose,
+                                                   args.layer or None, found)
+        except D.DataError as e:
+            raise D.DataError(f"site {k} ('{path}'): {e}") from None
+        if len(args.sites) > 1 and found.get("genes") is None:
+            raise D.DataError(f"site {k} ('{path}') has no gene names, so its genes cannot be matched "
+                              f"with the other sites'")
+        barcodes = found.get("barcodes")
+        if barcodes is not None and len(set(barcodes)) < len(barcodes):
+            raise D.DataError(f"site {k} ('{path}') has duplicate cell barcodes")
+        reads.append((counts, None if y is None else names[y], found.get("genes"), barcodes, used))
+    genes = reads[0][2] if reads[0][2] is not None else None
+    if genes is not None:
+        for _, _, g, _, _ in reads[1:]:
+            genes = genes[np.isin(genes, g)]  # the first site's order
+        if len(genes) == 0:
+            raise D.DataError("the sites share no gene name; check that they use the same gene naming")
+        dropped = [int((~np.isin(g, genes)).sum()) for _, _, g, _, _ in reads]
+        print(f"genes: {len(genes)} shared by all sites; dropped per site: {dropped}", flush=True)
+        reads = [(X[:, [list(g).index(n) for n in genes]] if list(g) != list(genes) else X, y, g, b, u)
+                 for X, y, g, b, u in reads]
+    labelled = [y is not None for _, y, _, _, _ in reads]
+    if any(labelled) and not all(labelled):
+        raise D.DataError(f"sites {[k for k, l in enumerate(labelled) if not l]} have no labels, others do")
+    label_names = np.unique(np.concatenate([y for _, y, _, _, _ in reads])) if all(labelled) else None
+    if label_names is None and args.n_clusters < 1:
+        raise D.DataError("the sites have no cell-type labels: pass --n-clusters to choose k")
+    sites, kept, _ = D.preprocess_federated([X for X, _, _, _, _ in reads], args.n_genes)
+    for k, c in enumerate(kept):
+        if len(c) < 2:
+            raise D.DataError(f"site {k} ('{args.sites[k]}') has {len(c)} non-empty cell(s); every site needs at least 2")
+    sizes = np.cumsum([0] + [len(c) for c in kept])
+    y = None if label_names is None else np.concatenate(
+        [np.searchsorted(label_names, r[1][c]) for r, c in zip(reads, kept)])
+    barcodes = None if any(r[3] is None for r in reads) else np.concatenate([r[3][c] for r, c in zip(reads, kept)])
+    for k, (path, c, r) in enumerate(zip(args.sites, kept, reads)):
+        print(f"site {k} ({path}, {r[4]}): {len(c)} cells", flush=True)
+    return Data(np.concatenate(sites), y, [np.arange(a, b) for a, b in zip(sizes[:-1], sizes[1:])],
+                args.n_clusters or len(label_names), np.concatenate(kept), label_names, barcodes)
+
+
 def setup(args):
     """Check the arguments, resolve the defaults, print the config, seed everything, then load,
     preprocess and partition the data. Everything a user can get wrong fails here, before training."""
@@ -369,14 +427,14 @@ def setup(args):
     print(f"config {json.dumps(vars(args))}", flush=True)
     print(f"torch {torch.__version__}  clients trained at once {args.threads}", flush=True)
     seed_everything(args.seed)
-    data = load_federated(args) if args.preprocess == "federated" else load(args)[0]
+    data = load_sites(args) if args.sites else load_federated(args) if args.preprocess == "federated" else load(args)[0]
     data.t_start = t_start
     if len(data.X) < args.clients:
         raise D.DataError(f"{len(data.X)} cells for {args.clients} clients; use fewer --clients")
     if args.partition == "class" and data.y is not None and not args.types_per_client:
         args.types_per_client = max(1, len(np.unique(data.y)) // args.clients)
         print(f"types per client: {args.types_per_client} (floor of {len(np.unique(data.y))} types / {args.clients} clients)")
-    if args.preprocess == "pooled":
+    if args.preprocess == "pooled" and not args.sites:
         data.parts = D.partition(data.y, args.clients, args.partition, args.types_per_client,
                                  args.dirichlet_alpha, args.seed, args.shuffle_classes, n_cells=len(data.X))
     for k, idx in enumerate(data.parts):
@@ -713,7 +771,8 @@ def _write_atomic(path, write):
 def run_folder(args):
     """A fresh folder for this run's files: no spaces, never shared with a concurrent run."""
     import re
-    name = f"{os.path.basename(str(args.data)).split('.')[0]}__{args.method}__s{args.seed}"
+    data_name = "sites" if getattr(args, "sites", None) else os.path.basename(str(args.data)).split('.')[0]
+    name = f"{data_name}__{args.method}__s{args.seed}"
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
     runs = os.path.join(os.path.dirname(os.path.abspath(args.out)), "runs")
     os.makedirs(runs, exist_ok=True)

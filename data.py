@@ -212,6 +212,11 @@ def read_h5(path, label_key=None, layer=None, names=None):
             else:
                 X, used = _h5_matrix(f["X"]), "X"
             others = [f"layers/{k}" for k in f.get("layers", {}).keys()] + (["raw/X"] if "raw" in f else [])
+            var = f["raw"]["var"] if layer == "raw" and "var" in f["raw"] else f.get("var")
+            for ours, group in (("genes", var), ("barcodes", f["obs"])):
+                index = group.attrs.get("_index", "_index") if group is not None else None
+                if group is not None and index in group and isinstance(group[index], h5py.Dataset):
+                    names[ours] = _decode(group[index][()])
             y = _h5ad_column(f, label_key) if label_key else None
             return X, y, used + (f" (also in the file: {', '.join(others)})" if others else "")
         if layer:

@@ -185,6 +185,61 @@ def test_federated_preprocessing_and_evaluation_end_to_end(synth, tmp_path):
     assert np.isfinite(r1["sil_simplified"]) and np.isfinite(r1["ch"])
 
 
+def _site_files(tmp):
+    """Two sites of one synthetic dataset, as two labs would have them: gene names in another order
+    and one gene only the second site measured; labels and barcodes."""
+    X, y = D.synthetic_counts(n_cells=160, n_genes=60, n_types=4, seed=11)
+    genes = np.array([f"Gene{i}" for i in range(60)])
+    names = np.array(["B", "NK", "T", "mono"])
+    a = write_h5(tmp / "a.h5", X[:70], names[y[:70]].astype("S"), gene_names=genes.astype("S"),
+                 cell_names=np.array([f"a{i}" for i in range(70)]).astype("S"))
+    order = np.random.default_rng(0).permutation(60)
+    Xb = np.hstack([X[70:, order], np.ones((90, 1))])
+    b = write_h5(tmp / "b.h5", Xb, names[y[70:]].astype("S"), gene_names=np.append(genes[order], "Extra1").astype("S"),
+                 cell_names=np.array([f"b{i}" for i in range(90)]).astype("S"))
+    return a, b, X, y
+
+
+def test_one_file_per_site(tmp_path):
+    a, b, X, y = _site_files(tmp_path)
+    out = str(tmp_path / "r.csv")
+    p = run(["fedsc.py", "--sites", a, b, "--out", out] + TINY)
+    assert p.returncode == 0, p.stderr
+    assert "genes: 60 shared by all sites; dropped per site: [0, 1]" in p.stdout
+    r = rows(out)
+    assert r["clients"][0] == 2 and r["run"][0].startswith("sites__")
+    cl = pd.read_csv(os.path.join(tmp_path, "runs", r["run"][0], "clusters.csv"))
+    assert list(cl["client"]) == [0] * 70 + [1] * 90 and list(cl["barcode"][:2]) == ["a0", "a1"]
+    assert list(cl["label_name"]) == list(np.array(["B", "NK", "T", "mono"])[y])
+    # the same cells in one file give the same preprocessed matrix: sites are matched by gene name
+    args = parse("fedsc", ["--sites", a, b, "--n-genes", "100", "--out", out])
+    common.check_args(args)
+    common.resolve(args, os.path.join(ROOT, "fedsc.py"))
+    assert np.allclose(common.load_sites(args).X, D.preprocess(X, 100)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("case,expect", [("missing", "site 1 ('"), ("no shared genes", "share no gene name"),
+                                         ("duplicate barcodes", "duplicate cell barcodes"), ("no names", "no gene names")])
+def test_bad_sites_are_refused_naming_the_site(case, expect, tmp_path):
+    a, b, X, y = _site_files(tmp_path)
+    if case == "missing":
+        b = str(tmp_path / "nowhere.h5")
+    elif case == "no shared genes":
+        with h5py.File(b, "a") as f:
+            del f["gene_names"]
+            f["gene_names"] = np.array([f"Other{i}" for i in range(61)]).astype("S")
+    elif case == "duplicate barcodes":
+        with h5py.File(b, "a") as f:
+            del f["cell_names"]
+            f["cell_names"] = np.array(["b0"] * 90).astype("S")
+    else:
+        with h5py.File(b, "a") as f:
+            del f["gene_names"]
+    args = parse("fedsc", ["--sites", a, b, "--out", str(tmp_path / "r.csv")])
+    with pytest.raises(D.DataError, match=re.escape(expect)):
+        common.setup(args)
+
+
 def test_diverged_run_says_so_and_records_it(synth, tmp_path):
     out = str(tmp_path / "r.csv")
     p = run(["fedsimclr.py", "--data", synth, "--clients", "2", "--out", out, "--lr", "1e30"] + TINY)
