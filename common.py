@@ -403,7 +403,7 @@ def load_sites(args):
     label_names = np.unique(np.concatenate([y for _, y, _, _, _ in reads])) if all(labelled) else None
     if label_names is None and args.n_clusters < 1:
         raise D.DataError("the sites have no cell-type labels: pass --n-clusters to choose k")
-    sites, kept, _ = D.preprocess_federated([X for X, _, _, _, _ in reads], args.n_genes)
+    sites, kept, used_genes = D.preprocess_federated([X for X, _, _, _, _ in reads], args.n_genes)
     for k, c in enumerate(kept):
         if len(c) < 2:
             raise D.DataError(f"site {k} ('{args.sites[k]}') has {len(c)} non-empty cell(s); every site needs at least 2")
@@ -413,8 +413,10 @@ def load_sites(args):
     barcodes = None if any(r[3] is None for r in reads) else np.concatenate([r[3][c] for r, c in zip(reads, kept)])
     for k, (path, c, r) in enumerate(zip(args.sites, kept, reads)):
         print(f"site {k} ({path}, {r[4]}): {len(c)} cells", flush=True)
-    return Data(np.concatenate(sites), y, [np.arange(a, b) for a, b in zip(sizes[:-1], sizes[1:])],
+    data = Data(np.concatenate(sites), y, [np.arange(a, b) for a, b in zip(sizes[:-1], sizes[1:])],
                 args.n_clusters or len(label_names), np.concatenate(kept), label_names, barcodes)
+    data.genes = used_genes if genes is None else genes[used_genes]
+    return data
 
 
 def setup(args):
@@ -853,6 +855,14 @@ def save_run(args, data, log, status, metrics=None, h=None, pred=None):
         _write_atomic(os.path.join(run_dir, "clusters.csv"), lambda tmp: pd.DataFrame(table).to_csv(tmp, index=False))
     if log:
         _write_atomic(os.path.join(run_dir, "rounds.csv"), lambda tmp: pd.DataFrame(log).to_csv(tmp, index=False))
+    if pred is not None and getattr(args, "sites", None):  # each site gets its own cells back, annotated
+        key = args.method.lower()
+        for k, (site, idx) in enumerate(zip(args.sites, data.parts)):
+            names = data.cells[idx].astype(str) if data.barcodes is None else data.barcodes[idx]
+            columns = {f"{key}_cluster": pred[idx]} | ({} if data.y is None else {"cell_type": data.label_names[data.y[idx]]})
+            D.write_h5ad(os.path.join(run_dir, f"site{k}_{os.path.basename(site).split('.')[0]}.h5ad"),
+                         data.X[idx], names, getattr(data, "genes", np.arange(data.X.shape[1])).astype(str), columns,
+                         {f"X_{key}": h[idx].astype(np.float32)}, {f"{key}_config": json.dumps(vars(args))})
     metrics = metrics or {}
     row = {**vars(args), **metrics, "collapsed": h is not None and collapsed(h, metrics["erank"]), "status": status,
            "seconds": round(time.time() - data.t_start, 2), "torch": torch.__version__,

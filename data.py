@@ -529,6 +529,60 @@ def preprocess_federated(sites, n_genes):
 
 
 # ---------------------------------------------------------------------------------------------
+# Writing a site's annotated cells as .h5ad with h5py (the AnnData on-disk format, no anndata)
+# ---------------------------------------------------------------------------------------------
+def write_h5ad(path, X, cells, genes, categorical=None, obsm=None, uns=None):
+    """An .h5ad that anndata.read_h5ad opens: X (cells x genes, float32), obs indexed by cells with
+    categorical columns, var indexed by genes, obsm arrays and uns strings; written to a temporary
+    file and renamed."""
+    import h5py
+    text = h5py.string_dtype()
+    enc = lambda node, kind, version: node.attrs.update({"encoding-type": kind, "encoding-version": version})
+
+    def frame(group, index, columns):
+        enc(group, "dataframe", "0.2.0")
+        group.attrs["_index"] = "_index"
+        group.attrs.create("column-order", np.array(list(columns), dtype=object), dtype=text)
+        group.create_dataset("_index", data=np.asarray(index).astype(str).astype(object), dtype=text)
+        enc(group["_index"], "string-array", "0.2.0")
+        for name, values in columns.items():
+            cats, codes = np.unique(np.asarray(values).astype(str), return_inverse=True)
+            col = group.create_group(name)
+            enc(col, "categorical", "0.2.0")
+            col.attrs["ordered"] = False
+            col["codes"] = codes.astype(np.int32)
+            enc(col["codes"], "array", "0.2.0")
+            col.create_dataset("categories", data=cats.astype(object), dtype=text)
+            enc(col["categories"], "string-array", "0.2.0")
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with h5py.File(tmp, "w") as f:
+            enc(f, "anndata", "0.1.0")
+            f["X"] = np.asarray(X, dtype=np.float32)
+            enc(f["X"], "array", "0.2.0")
+            frame(f.create_group("obs"), cells, categorical or {})
+            frame(f.create_group("var"), genes, {})
+            for name, items in (("obsm", obsm or {}), ("uns", uns or {})):
+                g = f.create_group(name)
+                enc(g, "dict", "0.1.0")
+                for k, v in items.items():
+                    if isinstance(v, str):
+                        g.create_dataset(k, data=v, dtype=text)
+                        enc(g[k], "string", "0.2.0")
+                    else:
+                        g[k] = np.asarray(v)
+                        enc(g[k], "array", "0.2.0")
+            for name in ("layers", "obsp", "varm", "varp"):
+                enc(f.create_group(name), "dict", "0.1.0")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
 # Client partition: EasyFL's non_iid_class heap algorithm, iid, dirichlet
 # ---------------------------------------------------------------------------------------------
 def equal_division(n_groups, idx, rng):

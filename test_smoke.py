@@ -5,6 +5,7 @@ per method; what crosses from clients to the server; the benchmark's cache and t
 Run: python -m pytest -q test_smoke.py   (real-data tests read $FEDSC_DATA_DIR, default ./data)"""
 import copy
 import importlib
+import json
 import math
 import os
 import re
@@ -211,6 +212,18 @@ def test_one_file_per_site(tmp_path):
     cl = pd.read_csv(os.path.join(tmp_path, "runs", r["run"][0], "clusters.csv"))
     assert list(cl["client"]) == [0] * 70 + [1] * 90 and list(cl["barcode"][:2]) == ["a0", "a1"]
     assert list(cl["label_name"]) == list(np.array(["B", "NK", "T", "mono"])[y])
+    # each site's own cells come back as an .h5ad that anndata and plain h5py both read
+    import anndata
+    folder = os.path.join(tmp_path, "runs", r["run"][0])
+    emb = np.load(os.path.join(folder, "embedding.npy"))
+    for k, (n, first) in enumerate([(70, 0), (90, 70)]):
+        ad = anndata.read_h5ad(os.path.join(folder, f"site{k}_{'ab'[k]}.h5ad"))
+        assert ad.shape == (n, 60) and list(ad.obs_names[:1]) == [f"{'ab'[k]}0"] and ad.var_names[0].startswith("Gene")
+        assert np.allclose(ad.obsm["X_fedsc"], emb[first:first + n]) and str(ad.obs["fedsc_cluster"].dtype) == "category"
+        assert list(ad.obs["fedsc_cluster"].astype(int)) == list(cl["cluster"][first:first + n])
+        assert json.loads(ad.uns["fedsc_config"])["sites"] == [a, b]
+        with h5py.File(os.path.join(folder, f"site{k}_{'ab'[k]}.h5ad")) as f:
+            assert f["obsm"]["X_fedsc"].shape == (n, 60) and f.attrs["encoding-type"] == "anndata"
     # the same cells in one file give the same preprocessed matrix: sites are matched by gene name
     args = parse("fedsc", ["--sites", a, b, "--n-genes", "100", "--out", out])
     common.check_args(args)
