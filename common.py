@@ -395,7 +395,8 @@ def load_sites(args):
             raise D.DataError("the sites share no gene name; check that they use the same gene naming")
         dropped = [int((~np.isin(g, genes)).sum()) for _, _, g, _, _ in reads]
         print(f"genes: {len(genes)} shared by all sites; dropped per site: {dropped}", flush=True)
-        reads = [(X[:, [list(g).index(n) for n in genes]] if list(g) != list(genes) else X, y, g, b, u)
+        position = lambda g: dict(zip(g, range(len(g))))  # gene name -> column of that site's file
+        reads = [(X[:, [position(g)[n] for n in genes]] if list(g) != list(genes) else X, y, g, b, u)
                  for X, y, g, b, u in reads]
     labelled = [y is not None for _, y, _, _, _ in reads]
     if any(labelled) and not all(labelled):
