@@ -395,9 +395,10 @@ def load_sites(args):
             raise D.DataError("the sites share no gene name; check that they use the same gene naming")
         dropped = [int((~np.isin(g, genes)).sum()) for _, _, g, _, _ in reads]
         print(f"genes: {len(genes)} shared by all sites; dropped per site: {dropped}", flush=True)
-        position = lambda g: dict(zip(g, range(len(g))))  # gene name -> column of that site's file
-        reads = [(X[:, [position(g)[n] for n in genes]] if list(g) != list(genes) else X, y, g, b, u)
-                 for X, y, g, b, u in reads]
+        def columns(g):  # the shared genes' columns in one site's file
+            where = dict(zip(g, range(len(g))))
+            return [where[n] for n in genes]
+        reads = [(X[:, columns(g)] if list(g) != list(genes) else X, y, g, b, u) for X, y, g, b, u in reads]
     labelled = [y is not None for _, y, _, _, _ in reads]
     if any(labelled) and not all(labelled):
         raise D.DataError(f"sites {[k for k, l in enumerate(labelled) if not l]} have no labels, others do")
