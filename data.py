@@ -528,6 +528,35 @@ def preprocess_federated(sites, n_genes):
     return [((L - mean) / std).astype(np.float32) for L in logs], cells, genes[keep]
 
 
+def read_column(path, key):
+    """A per-cell column of a file: an HDF5 dataset (e.g. batch) or an .h5ad obs column, as text."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        if "obs" in f:
+            return np.asarray(_h5ad_column(f, key)).astype(str)
+        if key not in f:
+            raise DataError(f"'{path}' has no dataset '{key}'; it has: {', '.join(f.keys())}")
+        return _decode(f[key][()]).astype(str)
+
+
+def write_h5(path, X, **datasets):
+    """scDeepCluster-style HDF5 (X plus named datasets, text as UTF-8), gzip-compressed, atomically."""
+    import h5py
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("X", data=X, compression="gzip")
+            for k, v in datasets.items():
+                v = np.asarray(v)
+                f.create_dataset(k, data=v.astype(object) if v.dtype.kind in "OU" else v,
+                                 dtype=h5py.string_dtype() if v.dtype.kind in "OU" else None)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing a site's annotated cells as .h5ad with h5py (the AnnData on-disk format, no anndata)
 # ---------------------------------------------------------------------------------------------

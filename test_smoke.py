@@ -231,6 +231,25 @@ def test_one_file_per_site(tmp_path):
     assert np.allclose(common.load_sites(args).X, D.preprocess(X, 100)[0], atol=1e-5)
 
 
+def test_split_by_batch_then_run_the_sites(tmp_path):
+    X, y = D.synthetic_counts(n_cells=120, n_genes=50, n_types=3, seed=12)
+    batch = np.where(np.arange(120) < 50, "mouse1", "mouse2")
+    path = write_h5(tmp_path / "two.h5", X, y, batch=batch.astype("S"),
+                    gene_names=np.array([f"G{i}" for i in range(50)]).astype("S"))
+    p = run(["split.py", path, "--by", "batch", "--out", str(tmp_path / "sites")])
+    assert p.returncode == 0, p.stderr
+    files = sorted(os.listdir(tmp_path / "sites"))
+    assert files == ["two_mouse1.h5", "two_mouse2.h5"]
+    X1, y1, _, _ = D.read_counts(str(tmp_path / "sites" / files[0]))
+    assert np.array_equal(X1, X[:50]) and np.array_equal(y1, y[:50])
+    out = str(tmp_path / "r.csv")
+    p = run(["fedsimclr.py", "--sites"] + [str(tmp_path / "sites" / f) for f in files] + ["--out", out] + TINY)
+    assert p.returncode == 0, p.stderr
+    assert "genes: 50 shared by all sites" in p.stdout
+    p = run(["split.py", path, "--by", "donor"])
+    assert p.returncode == 2 and "no dataset 'donor'" in p.stderr
+
+
 @pytest.mark.parametrize("case,expect", [("missing", "site 1 ('"), ("no shared genes", "share no gene name"),
                                          ("duplicate barcodes", "duplicate cell barcodes"), ("no names", "no gene names")])
 def test_bad_sites_are_refused_naming_the_site(case, expect, tmp_path):
