@@ -672,30 +672,34 @@ def cluster_metrics(h, y, n_clusters, seed):
 # Federated evaluation: SITE functions see one site's embedding; the SERVER gets per-cluster sums,
 # counts, inertias and contingency tables, never one row per cell
 # ---------------------------------------------------------------------------------------------
-def site_assign(h, centroids):
-    """SITE: nearest centroid of each of its cells, and per-cluster (sum, count, inertia)."""
+def site_assign(h, centroids, previous=None):
+    """SITE: the nearest centroid of each of its cells (kept on the site) and what it sends: per-
+    cluster sums, counts and inertia, and how many of its cells changed cluster."""
     d = (h ** 2).sum(1)[:, None] - 2 * h @ centroids.T + (centroids ** 2).sum(1)[None]
     labels = d.argmin(1)
     k = len(centroids)
     sums = np.zeros_like(centroids)
     np.add.at(sums, labels, h)
-    return labels, sums, np.bincount(labels, minlength=k), np.maximum(d[np.arange(len(h)), labels], 0).sum()
+    changed = len(h) if previous is None else int((labels != previous).sum())
+    sent = (sums, np.bincount(labels, minlength=k), np.maximum(d[np.arange(len(h)), labels], 0).sum(), changed)
+    return labels, sent
 
 
 def federated_lloyd(sites, centroids, max_iter=300):
     """SERVER: Lloyd's KMeans over the sites: each iteration the sites assign their cells and send
     per-cluster sums and counts; the server moves the centroids (an empty cluster keeps its
-    centroid). Stops when no site's labels change. Returns (centroids, labels per site, inertia)."""
+    centroid). Stops when no cell changed cluster. Returns (centroids, the sites' labels, inertia);
+    the labels are the sites' own, the server only ever reads `sent`."""
     labels = [None] * len(sites)
     for _ in range(max_iter):
-        out = [site_assign(h, centroids) for h in sites]
-        changed = any(old is None or (old != new).any() for old, (new, *_) in zip(labels, out))
-        labels = [o[0] for o in out]
-        sums, counts = sum(o[1] for o in out), sum(o[2] for o in out)
-        if not changed:
+        results = [site_assign(h, centroids, old) for h, old in zip(sites, labels)]  # on each SITE
+        labels = [l for l, _ in results]
+        sent = [s for _, s in results]  # SITE -> SERVER: no array with a row per cell
+        sums, counts = sum(s[0] for s in sent), sum(s[1] for s in sent)
+        if sum(s[3] for s in sent) == 0:
             break
         centroids = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centroids)
-    return centroids, labels, sum(o[3] for o in out)
+    return centroids, labels, sum(s[2] for s in sent)
 
 
 def federated_kmeans(sites, k, seed, n_init=10):

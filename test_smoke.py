@@ -728,7 +728,15 @@ def test_federated_lloyd_equals_pooled_lloyd_and_scores_equal_pooled():
     table = sum(common.site_contingency(y[a:b], l, 4, 4) for (a, b), l in zip([(0, 50), (50, 320), (320, 600)], labels))
     ari, nmi = common.scores_from_contingency(table)
     assert ari == pytest.approx(100 * adjusted_rand_score(y, pred)) and nmi == pytest.approx(100 * normalized_mutual_info_score(y, pred))
-    _, _, fed_inertia = common.federated_kmeans(sites, 4, seed=0)  # seeded from the sites' centroids only
+    real, sent = common.site_assign, []
+    common.site_assign = lambda *a: (lambda out: (sent.append(out[1]), out)[1])(real(*a))
+    try:
+        _, _, fed_inertia = common.federated_kmeans(sites, 4, seed=0)  # seeded from the sites' centroids only
+    finally:
+        common.site_assign = real
+    # what the sites send the server: per-cluster sums (4 x 5), counts (4), inertia and a count
+    assert sent and all(np.shape(s[0]) == (4, 5) and np.shape(s[1]) == (4,) and np.ndim(s[2]) == np.ndim(s[3]) == 0
+                        for s in sent)
     assert fed_inertia <= 1.001 * KMeans(4, n_init=10, random_state=0).fit(h).inertia_
 
 
