@@ -341,7 +341,7 @@ def write_recipes(df, seeds):
                    f"{TUNE_DATA} over seeds {list(TUNE_SEEDS)}; every other setting is the paper's",
            "grid": {"lr": list(TUNE_LRS), "rounds x local_epochs": [list(x) for x in TUNE_SCHEDULES]},
            "recipes": chosen}
-    common._write_atomic(common.RECIPES, lambda tmp: json.dump(doc, open(tmp, "w"), indent=1))
+    D.write_atomic(common.RECIPES, lambda tmp: json.dump(doc, open(tmp, "w"), indent=1))
     print(f"wrote {common.RECIPES}: {chosen}", flush=True)
 
 
@@ -453,7 +453,7 @@ def readme_block(name, body, source):
         return
     block = f"{start}\n<!-- written by {source}; do not edit by hand -->\n\n{body}\n{end}"
     text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    common._write_atomic(path, lambda tmp: open(tmp, "w").write(text))
+    D.write_atomic(path, lambda tmp: open(tmp, "w").write(text))
     print(f"README.md {name} section updated", flush=True)
 
 

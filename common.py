@@ -339,6 +339,13 @@ def load(args):
     return Data(X, y, [], k, cells, names, None if barcodes is None else np.asarray(barcodes)[cells]), counts
 
 
+def default_types_per_client(args, y):
+    """--types-per-client 0 on other data than the benchmarks: floor(types / clients)."""
+    if args.partition == "class" and y is not None and not args.types_per_client:
+        args.types_per_client = max(1, len(np.unique(y)) // args.clients)
+        print(f"types per client: {args.types_per_client} (floor of {len(np.unique(y))} types / {args.clients} clients)")
+
+
 def load_federated(args):
     """Split the raw counts over the clients first, then preprocess them from per-site statistics
     (data.preprocess_federated); Data.X holds the sites' cells one site after another."""
@@ -348,8 +355,7 @@ def load_federated(args):
                                            args.transpose, args.layer or None, found)
     if y is None and args.n_clusters < 1:
         raise D.DataError(f"'{path}' has no cell-type labels: pass --n-clusters to choose k")
-    if args.partition == "class" and y is not None and not args.types_per_client:
-        args.types_per_client = max(1, len(np.unique(y)) // args.clients)
+    default_types_per_client(args, y)
     parts = D.partition(y, args.clients, args.partition, args.types_per_client, args.dirichlet_alpha,
                         args.seed, args.shuffle_classes, n_cells=counts.shape[0])
     counts = sp.csr_matrix(counts)
@@ -435,9 +441,7 @@ def setup(args):
     data.t_start = t_start
     if len(data.X) < args.clients:
         raise D.DataError(f"{len(data.X)} cells for {args.clients} clients; use fewer --clients")
-    if args.partition == "class" and data.y is not None and not args.types_per_client:
-        args.types_per_client = max(1, len(np.unique(data.y)) // args.clients)
-        print(f"types per client: {args.types_per_client} (floor of {len(np.unique(data.y))} types / {args.clients} clients)")
+    default_types_per_client(args, data.y)
     if args.preprocess == "pooled" and not args.sites:
         data.parts = D.partition(data.y, args.clients, args.partition, args.types_per_client,
                                  args.dirichlet_alpha, args.seed, args.shuffle_classes, n_cells=len(data.X))
@@ -634,7 +638,27 @@ def embed(args, model, X):
 def effective_rank(h):
     """exp(entropy of the normalised singular values) of the centred embedding: 1 when every cell
     lies on one line, the dimension when all directions are used equally. Label-free."""
-    s = np.linalg.svd(h - h.mean(0), compute_uv=False)
+    return rank_from_scatter(*site_scatter(h)[2:])
+
+
+def site_scatter(h):
+    """SITE: (n, mean, centred scatter matrix d x d) of its embeddings; sites merge like moments."""
+    mean = h.mean(0)
+    return len(h), mean, (h - mean).T @ (h - mean)
+
+
+def merge_scatter(parts):
+    """SERVER: the pooled (n, mean, scatter) from the sites' (Chan et al., with outer products)."""
+    n, mean, s = parts[0]
+    for nb, mb, sb in parts[1:]:
+        delta, total = mb - mean, n + nb
+        mean, s, n = mean + delta * nb / total, s + sb + np.outer(delta, delta) * n * nb / total, total
+    return n, mean, s
+
+
+def rank_from_scatter(scatter):
+    """Effective rank from the scatter matrix: its eigenvalues are the squared singular values."""
+    s = np.sqrt(np.clip(np.linalg.eigvalsh(scatter), 0, None))
     if s.sum() <= 0 or not np.isfinite(s).all():
         return 0.0
     p = s / s.sum()
@@ -750,7 +774,7 @@ def append_row(path, row):
     with _locked(path + ".lock"):
         old = pd.read_csv(path, dtype=str, keep_default_na=False) if os.path.exists(path) else pd.DataFrame()
         new = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
-        _write_atomic(path, lambda tmp: new.to_csv(tmp, index=False))
+        D.write_atomic(path, lambda tmp: new.to_csv(tmp, index=False))
 
 
 @contextlib.contextmanager
@@ -763,17 +787,6 @@ def _locked(lock_path):
             import fcntl
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
-
-
-def _write_atomic(path, write):
-    """write(tmp_path), then rename over path: readers see the old file or the whole new one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def run_folder(args):
@@ -795,7 +808,7 @@ def federated_metrics(h, data, seed):
         raise Diverged("the embedding holds NaN or inf values; try a smaller --lr")
     sites = [h[idx] for idx in data.parts]
     cent, labels, inertia = federated_kmeans(sites, data.n_clusters, seed)
-    out = {"erank": effective_rank(np.concatenate(sites))}
+    out = {"erank": rank_from_scatter(merge_scatter([site_scatter(s) for s in sites])[2])}
     k, n = len(cent), sum(len(s) for s in sites)
     if data.y is not None:
         n_classes = int(data.y.max()) + 1
@@ -845,7 +858,7 @@ def save_run(args, data, log, status, metrics=None, h=None, pred=None):
     import pandas as pd
     run_dir = run_folder(args)
     if h is not None:
-        _write_atomic(os.path.join(run_dir, "embedding.npy"),
+        D.write_atomic(os.path.join(run_dir, "embedding.npy"),
                       lambda tmp: np.save(open(tmp, "wb"), h.astype(np.float32)))
     if pred is not None:
         client = np.full(len(data.X), -1)
@@ -858,9 +871,9 @@ def save_run(args, data, log, status, metrics=None, h=None, pred=None):
             if data.label_names is not None:
                 table["label_name"] = data.label_names[data.y]
         table["cluster"] = pred
-        _write_atomic(os.path.join(run_dir, "clusters.csv"), lambda tmp: pd.DataFrame(table).to_csv(tmp, index=False))
+        D.write_atomic(os.path.join(run_dir, "clusters.csv"), lambda tmp: pd.DataFrame(table).to_csv(tmp, index=False))
     if log:
-        _write_atomic(os.path.join(run_dir, "rounds.csv"), lambda tmp: pd.DataFrame(log).to_csv(tmp, index=False))
+        D.write_atomic(os.path.join(run_dir, "rounds.csv"), lambda tmp: pd.DataFrame(log).to_csv(tmp, index=False))
     if pred is not None and getattr(args, "sites", None):  # each site gets its own cells back, annotated
         key = args.method.lower()
         for k, (site, idx) in enumerate(zip(args.sites, data.parts)):
@@ -874,7 +887,7 @@ def save_run(args, data, log, status, metrics=None, h=None, pred=None):
            "seconds": round(time.time() - data.t_start, 2), "torch": torch.__version__,
            "commit": git_commit(),
            "config_id": config_id(args), "run": os.path.basename(run_dir)}
-    _write_atomic(os.path.join(run_dir, "result.json"), lambda tmp: json.dump(row, open(tmp, "w"), indent=1))
+    D.write_atomic(os.path.join(run_dir, "result.json"), lambda tmp: json.dump(row, open(tmp, "w"), indent=1))
     append_row(args.out, row)
     print(f"wrote a row to {args.out} and the run's files to {run_dir}", flush=True)
     return metrics

@@ -464,10 +464,18 @@ def preprocess(X, n_genes):
 # counts; SERVER functions see only what the sites send: per-gene sums and moments, cell counts.
 # ---------------------------------------------------------------------------------------------
 def site_moments(X):
-    """SITE: per-gene (n, mean, M2 = sum of squared deviations) of its cells, two-pass."""
-    X = X.toarray() if sp.issparse(X) else X
-    mean = X.mean(0)
-    return len(X), mean, ((X - mean) ** 2).sum(0)
+    """SITE: per-gene (n, mean, M2 = sum of squared deviations) of its cells, two-pass; a sparse
+    matrix stays sparse (its zeros add (0 - mean)^2 each)."""
+    n = X.shape[0]
+    if not sp.issparse(X):
+        mean = X.mean(0)
+        return n, mean, ((X - mean) ** 2).sum(0)
+    X = sp.csc_matrix(X)
+    mean = np.asarray(X.sum(0)).ravel() / n
+    nnz = np.diff(X.indptr)
+    col = np.repeat(np.arange(X.shape[1]), nnz)
+    m2 = np.bincount(col, (X.data - mean[col]) ** 2, minlength=X.shape[1]) + (n - nnz) * mean ** 2
+    return n, mean, m2
 
 
 def merge_moments(parts):
@@ -528,6 +536,17 @@ def preprocess_federated(sites, n_genes):
     return [((L - mean) / std).astype(np.float32) for L in logs], cells, genes[keep]
 
 
+def write_atomic(path, write):
+    """write(tmp_path), then rename over path: readers see the old file or the whole new one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def read_column(path, key):
     """A per-cell column of a file: an HDF5 dataset (e.g. batch) or an .h5ad obs column, as text."""
     import h5py
@@ -542,18 +561,14 @@ def read_column(path, key):
 def write_h5(path, X, **datasets):
     """scDeepCluster-style HDF5 (X plus named datasets, text as UTF-8), gzip-compressed, atomically."""
     import h5py
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
+    def write(tmp):
         with h5py.File(tmp, "w") as f:
             f.create_dataset("X", data=X, compression="gzip")
             for k, v in datasets.items():
                 v = np.asarray(v)
                 f.create_dataset(k, data=v.astype(object) if v.dtype.kind in "OU" else v,
                                  dtype=h5py.string_dtype() if v.dtype.kind in "OU" else None)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, write)
     return path
 
 
@@ -584,8 +599,7 @@ def write_h5ad(path, X, cells, genes, categorical=None, obsm=None, uns=None):
             col.create_dataset("categories", data=cats.astype(object), dtype=text)
             enc(col["categories"], "string-array", "0.2.0")
 
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
+    def write(tmp):
         with h5py.File(tmp, "w") as f:
             enc(f, "anndata", "0.1.0")
             f["X"] = np.asarray(X, dtype=np.float32)
@@ -604,10 +618,7 @@ def write_h5ad(path, X, cells, genes, categorical=None, obsm=None, uns=None):
                         enc(g[k], "array", "0.2.0")
             for name in ("layers", "obsp", "varm", "varp"):
                 enc(f.create_group(name), "dict", "0.1.0")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, write)
     return path
 
 

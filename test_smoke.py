@@ -992,6 +992,10 @@ def test_collapse_signal():
     assert common.effective_rank(line) < 1.1 and common.collapsed(line, common.effective_rank(line))
     assert common.effective_rank(spread) > 45 and not common.collapsed(spread, common.effective_rank(spread))
     assert not common.collapsed(line[:, :2], 1.0)  # a 2-d embedding (PCA-raw) is not judged
+    s = np.linalg.svd(spread - spread.mean(0), compute_uv=False)  # against the SVD definition
+    assert common.effective_rank(spread) == pytest.approx(np.exp(-(s / s.sum() * np.log(s / s.sum())).sum()))
+    merged = common.merge_scatter([common.site_scatter(spread[a:b]) for a, b in ((0, 30), (30, 310), (310, 500))])
+    assert common.rank_from_scatter(merged[2]) == pytest.approx(common.effective_rank(spread))  # sites merge exactly
 
 
 def test_append_row_keeps_every_row(tmp_path):
