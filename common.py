@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 EMBED_DIM = 60    # backbone output f(x): what KMeans clusters (contrastive-sc's [200, 40, 60])
 PROJ_DIM = 128    # head output g(f(x)) that the losses compare (the paper's 128-d predictor)
 RECIPES = os.path.join(ROOT, "recipes.json")  # --recipe tuned values, written by run_all.sh tune
-TEXT_COLUMNS = {k: str for k in ("code", "config_id", "commit", "data_sha256", "run")}  # hashes stay text
+TEXT_COLUMNS = {k: str for k in ("code", "config_id", "commit", "data_sha256", "genes_sha", "run")}  # hashes stay text
 
 
 class Diverged(Exception):
@@ -120,8 +120,8 @@ class FedArgs(DataArgs):
     """cluster the 60-d backbone output, or the 128-d head output"""
     preprocess: typing.Literal["pooled", "federated"] = "pooled"
     """pooled: preprocess all cells together before the split (the paper); federated: split the raw counts first, then preprocess from per-site statistics only (the same result)"""
-    evaluate: typing.Literal["pooled", "federated"] = "pooled"
-    """pooled: KMeans and metrics on every cell's embedding in one place (the paper); federated: each site embeds its own cells, KMeans and ARI/NMI/CH from per-site sums, silhouette simplified (centroid-based); cells on no client are not evaluated"""
+    evaluate: typing.Literal["pooled", "federated", "both"] = "pooled"
+    """pooled: KMeans and metrics on every cell's embedding in one place (the paper); federated: each site embeds its own cells, KMeans and ARI/NMI/CH from per-site sums, silhouette simplified (centroid-based); cells on no client are not evaluated; both: pooled, plus the federated metrics as fed_* columns (a simulation's comparison)"""
 
 
 def _field_docs(cls):
@@ -208,6 +208,7 @@ class Data:
     cells: np.ndarray        # row numbers of the kept cells in the input file
     label_names: typing.Optional[np.ndarray] = None
     barcodes: typing.Optional[np.ndarray] = None  # of the kept cells, when the file names them
+    hvg: typing.Optional[np.ndarray] = None  # the selected genes, as columns of the (shared) input genes
     t_start: float = dataclasses.field(default_factory=time.time)
 
 
@@ -336,7 +337,7 @@ def load(args):
     print(f"data {path} ({used}): {len(X)} cells x {X.shape[1]} genes, "
           f"{'no labels' if y is None else f'{len(np.unique(y))} types'}", flush=True)
     barcodes = found.get("barcodes")
-    return Data(X, y, [], k, cells, names, None if barcodes is None else np.asarray(barcodes)[cells]), counts
+    return Data(X, y, [], k, cells, names, None if barcodes is None else np.asarray(barcodes)[cells], genes), counts
 
 
 def default_types_per_client(args, y):
@@ -369,7 +370,7 @@ def load_federated(args):
     barcodes = found.get("barcodes")
     data = Data(np.concatenate(sites), y, [np.arange(a, b) for a, b in zip(sizes[:-1], sizes[1:])],
                 args.n_clusters or len(np.unique(y)), cells, names,
-                None if barcodes is None else np.asarray(barcodes)[cells])
+                None if barcodes is None else np.asarray(barcodes)[cells], genes)
     print(f"data {path} ({used}), preprocessed per site: {len(cells)} cells on the clients x "
           f"{len(genes)} genes", flush=True)
     return data
@@ -422,7 +423,7 @@ def load_sites(args):
     for k, (path, c, r) in enumerate(zip(args.sites, kept, reads)):
         print(f"site {k} ({path}, {r[4]}): {len(c)} cells", flush=True)
     data = Data(np.concatenate(sites), y, [np.arange(a, b) for a, b in zip(sizes[:-1], sizes[1:])],
-                args.n_clusters or len(label_names), np.concatenate(kept), label_names, barcodes)
+                args.n_clusters or len(label_names), np.concatenate(kept), label_names, barcodes, used_genes)
     data.genes = used_genes if genes is None else genes[used_genes]
     return data
 
@@ -840,6 +841,8 @@ def finish(args, data, model=None, log=None, h=None):
             metrics, pred = federated_metrics(h, data, args.seed)
         else:
             metrics, pred = cluster_metrics(h, data.y, data.n_clusters, args.seed)
+        if getattr(args, "evaluate", "pooled") == "both":
+            metrics |= {f"fed_{k}": v for k, v in federated_metrics(h, data, args.seed)[0].items()}
     except Diverged:  # NaN weights after the last step: the row says so
         save_run(args, data, log, "diverged")
         raise
@@ -883,7 +886,8 @@ def save_run(args, data, log, status, metrics=None, h=None, pred=None):
                          data.X[idx], names, getattr(data, "genes", np.arange(data.X.shape[1])).astype(str), columns,
                          {f"X_{key}": h[idx].astype(np.float32)}, {f"{key}_config": json.dumps(vars(args))})
     metrics = metrics or {}
-    row = {**vars(args), **metrics, "collapsed": h is not None and collapsed(h, metrics["erank"]), "status": status,
+    hvg = None if data.hvg is None else hashlib.sha256(np.asarray(data.hvg, np.int64).tobytes()).hexdigest()[:12]
+    row = {**vars(args), **metrics, "genes_sha": hvg, "collapsed": h is not None and collapsed(h, metrics["erank"]), "status": status,
            "seconds": round(time.time() - data.t_start, 2), "torch": torch.__version__,
            "commit": git_commit(),
            "config_id": config_id(args), "run": os.path.basename(run_dir)}

@@ -29,9 +29,10 @@ class Args(common.FedArgs):
     # METHOD: divergence-aware download
     alpha: float = 0.7
     """target of the auto-scaler: mu_k = alpha at a client's first EMA download"""
-    mu_rule: typing.Literal["scaled", "literal"] = "scaled"
+    mu_rule: typing.Literal["scaled", "literal", "relative"] = "scaled"
     """scaled: mu = min(lambda_k * d, 1), lambda_k = alpha / d at the first EMA (FedEMA);
-    literal: the paper's Eq. 4, mu = min(alpha / d, 1)"""
+    literal: the paper's Eq. 4, mu = min(alpha / d, 1); relative: mu = min(alpha * d / dbar_k, 1),
+    dbar_k the running mean of the client's earlier divergences (free of the lr's scale)"""
     method: str = dataclasses.field(default="FedSC", init=False)
 
     def __post_init__(self):
@@ -126,11 +127,18 @@ def divergence(global_online, online):
 
 def decay_rate(d, state, args):
     """mu_k. 'scaled': lambda_k = alpha / d fixed at the first EMA download, mu = min(lambda_k d, 1),
-    so mu = alpha then and grows with the divergence after. 'literal': Eq. 4, min(alpha / d, 1)."""
+    so mu = alpha then and grows with the divergence after. 'literal': Eq. 4, min(alpha / d, 1).
+    'relative': lambda_k = alpha / dbar_k re-estimated every round from the client's running mean
+    divergence dbar_k (EMA 0.9), so mu = alpha at a typical divergence and more above it, whatever
+    the learning rate and its schedule do to the size of d."""
     if d == 0:  # local == global (e.g. a single client): the merge changes nothing
         return 1.0
     if args.mu_rule == "literal":
         return min(args.alpha / d, 1.0)
+    if args.mu_rule == "relative":
+        dbar = state.get("dbar", d)
+        state["dbar"] = 0.9 * dbar + 0.1 * d
+        return min(args.alpha * d / dbar, 1.0)
     state.setdefault("lam", args.alpha / d)
     return min(state["lam"] * d, 1.0)
 

@@ -759,6 +759,33 @@ def test_ema_update_follows_its_formula():
     assert all(torch.allclose(p, want[k]) for k, p in tg.named_parameters())
 
 
+def test_fedsc_mu_trajectory_scaled_saturates_relative_does_not():
+    """The divergence d shrinks with the lr (cosine decay) or grows past its round-2 value (large
+    lr). 'scaled' freezes lambda at round 2, so mu goes to 0 or sticks at 1; 'relative' is free of
+    d's scale: mu = alpha whenever d is steady, above alpha only on a jump, and the same
+    trajectory for d and 10 d."""
+    fedsc = importlib.import_module("fedsc")
+    scaled, rel = parse("fedsc"), parse("fedsc", ["--mu-rule", "relative"])
+    shrinking = [2.0 * (1 + math.cos(math.pi * t / 300)) / 2 + 1e-3 for t in range(300)]  # cosine lr
+    growing = [2.0 * (1 + 3 * t / 300) for t in range(300)]
+    mus = lambda ds, a: [fedsc.decay_rate(d, st, a) for st in [{}] for d in ds]
+    assert mus(shrinking, scaled)[-1] < 0.01 and mus(growing, scaled)[-1] == 1.0  # both ends
+    assert mus([3.0] * 20, rel) == pytest.approx([0.7] * 20)
+    for ds in (shrinking, growing):
+        r = mus(ds, rel)
+        assert r == pytest.approx(mus([10 * d for d in ds], rel))  # the lr's scale drops out
+        assert 0.3 < min(r[1:270]) and max(r) < 1.0  # a useful range until the lr is nearly 0
+    jump = mus([1.0] * 10 + [3.0], rel)
+    assert jump[-1] == 1.0 and jump[-2] == pytest.approx(0.7)  # a jump in divergence raises mu
+    # a naive loop: dbar is the EMA (0.9) of the earlier divergences, mu = min(alpha d / dbar, 1)
+    dbar, want = None, []
+    for d in growing:
+        dbar = d if dbar is None else dbar
+        want.append(min(0.7 * d / dbar, 1.0))
+        dbar = 0.9 * dbar + 0.1 * d
+    assert mus(growing, rel) == pytest.approx(want)
+
+
 def test_fedsc_mu_rule_and_ema_merge():
     fedsc = importlib.import_module("fedsc")
     args = parse("fedsc")
