@@ -191,13 +191,16 @@ def full_argv(exp, script, argv, seed, results, overrides):
             + applicable(script, overrides))
 
 
-def execute(experiments, seeds, jobs, results, overrides):
-    """Run what has no row yet, jobs at a time. Ctrl-C stops the runs under way and says what
-    finished; their rows are not written (a row is the last thing a run writes)."""
+def execute(experiments, seeds, jobs, results, overrides, match=""):
+    """Run what has no row yet, jobs at a time (only the runs whose command contains `match`, when
+    given). Ctrl-C stops the runs under way and says what finished; their rows are not written (a
+    row is the last thing a run writes)."""
     failed = 0
     for exp in experiments:
         df, todo, seen, skipped = all_rows(results, [exp]), [], set(), 0  # its own rows: its table uses them
         for label, script, argv, seed in plan(exp, seeds):
+            if match not in " ".join([script] + argv):
+                continue
             full = full_argv(exp, script, argv, seed, results, overrides)
             args = resolved(script, full)
             cid = common.config_id(args)
@@ -558,6 +561,8 @@ def main():
                         "(tables printed, nothing published)")
     p.add_argument("--results", default=os.path.join(ROOT, "results"))
     p.add_argument("--tables-only", action="store_true", help="only rebuild the tables (and the README)")
+    p.add_argument("--match", default="", help="run only the runs whose command contains this text, e.g. "
+                                               "'--recipe tuned' or 'fedsc.py' (tables are built from all rows)")
     a = p.parse_args()
     if a.jobs < 1:
         p.error(f"--jobs must be at least 1, got {a.jobs}")
@@ -570,7 +575,7 @@ def main():
         a.seeds = a.seeds if a.seeds != [0, 1, 2] else [0]
     experiments = [e for e in EXPERIMENTS if e in a.experiments]  # tune before the tables that use it
     with common.user_errors():
-        failed = 0 if a.tables_only else execute(experiments, a.seeds, a.jobs, results, overrides)
+        failed = 0 if a.tables_only else execute(experiments, a.seeds, a.jobs, results, overrides, a.match)
         publish = not a.quick and results == os.path.join(ROOT, "results") and a.seeds == [0, 1, 2]
         complete = write_tables(experiments, a.seeds, results, overrides, publish)
         if publish:

@@ -231,6 +231,77 @@ def test_one_file_per_site(tmp_path):
     assert np.allclose(common.load_sites(args).X, D.preprocess(X, 100)[0], atol=1e-5)
 
 
+def test_server_receives_no_array_with_a_row_per_cell(tmp_path, monkeypatch):
+    """A whole federated run (--sites: per-site preprocessing, training, federated evaluation) with
+    every SITE -> SERVER crossing spied on: what the site functions return to the server (gene
+    moments, counts below a threshold, uploads, per-cluster sums, contingency and scatter tables)
+    and what the server functions receive. None of it may have a dimension of a site's cell count
+    (70 and 90 here, which no gene, cluster or layer count equals)."""
+    fedsc = importlib.import_module("fedsc")
+    a, b, _, _ = _site_files(tmp_path)
+    per_cell, seen = {70, 90, 160}, []
+
+    def arrays(obj):
+        if isinstance(obj, (np.ndarray, torch.Tensor)):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from arrays(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from arrays(v)
+
+    def check(where, obj):
+        for x in arrays(obj):
+            seen.append(where)
+            assert not per_cell & set(x.shape), f"{where} carries an array of shape {tuple(x.shape)}"
+
+    def spy(mod, name, send=lambda out: out):  # check what a SITE function sends / a SERVER one gets
+        f = getattr(mod, name)
+        def wrapped(*a, **k):
+            check(f"{name} args", (a, k)) if name in SERVER else None
+            out = f(*a, **k)
+            check(f"{name} output", send(out)) if name in SITE else None
+            return out
+        monkeypatch.setattr(mod, name, wrapped)
+
+    SITE = {"site_moments", "site_contingency", "site_scatter", "site_assign"}
+    SERVER = {"merge_moments", "hvg_from_moments", "merge_scatter", "scores_from_contingency", "rank_from_scatter"}
+    for name in ("site_moments", "merge_moments", "hvg_from_moments"):
+        spy(D, name)
+    for name in ("site_contingency", "site_scatter", "merge_scatter", "scores_from_contingency", "rank_from_scatter"):
+        spy(common, name)
+    spy(common, "site_assign", send=lambda out: out[1])  # the labels stay on the site
+    kth = D.federated_kth
+    def spied_kth(count_at_most, k, hi):  # the median: the sites answer with one integer each
+        def answered(f):
+            def g(t):
+                n = f(t)
+                assert isinstance(n, int)
+                seen.append("count_at_most")
+                return n
+            return g
+        return kth([answered(f) for f in count_at_most], k, hi)
+    monkeypatch.setattr(D, "federated_kth", spied_kth)
+    upload = lambda client: (lambda out: (check("upload", out), out)[1])(fedsc.upload(client))
+    aggregate = lambda uploads: (check("aggregate args", uploads), fedsc.aggregate(uploads))[1]
+
+    args = parse("fedsc", ["--sites", a, b, "--evaluate", "federated", "--out", str(tmp_path / "r.csv")] + TINY)
+    data = common.setup(args)
+    model = fedsc.make_model(data.X.shape[1], args)
+    log = common.federate(args, data, model, fedsc.download, fedsc.local_update, upload, aggregate)
+    metrics = common.finish(args, data, model, log)
+    assert np.isfinite(metrics["ari"]) and np.isfinite(metrics["sil_simplified"])
+    for where in ("site_moments output", "merge_moments args", "count_at_most", "upload", "aggregate args",
+                  "site_assign output", "site_contingency output", "scores_from_contingency args",
+                  "site_scatter output", "merge_scatter args"):
+        assert where in seen, f"the spy on {where} saw nothing"
+    # and the check bites: a site's labels (one per cell) would be caught
+    h = np.random.default_rng(0).normal(size=(70, 5))
+    with pytest.raises(AssertionError, match="shape"):
+        check("labels", common.site_assign(h, h[:4])[0])
+
+
 def test_split_by_batch_then_run_the_sites(tmp_path):
     X, y = D.synthetic_counts(n_cells=120, n_genes=50, n_types=3, seed=12)
     batch = np.where(np.arange(120) < 50, "mouse1", "mouse2")
