@@ -1174,3 +1174,11 @@ def test_ctrl_c_stops_the_benchmark_and_its_runs(tmp_path):
     assert "2 stopped, 2 not started" in out
     left = subprocess.run(["pgrep", "-f", res], capture_output=True, text=True).stdout.split()
     assert left == [] and not os.path.exists(os.path.join(res, "quick", "table3.csv"))
+
+
+def test_speed_first_layer_variants_compute_the_same_product():
+    """speed.py times the masked first layer three ways; it refuses to time a variant whose
+    product differs from the dense one."""
+    speed = importlib.import_module("speed")
+    ms = speed.first_layer_variants(30, batch=16, seconds=0.01)
+    assert set(ms) == {"dense", "embedding bag over kept genes", "CSR sparse product"} and min(ms.values()) > 0
