@@ -1,0 +1,88 @@
+"""What the ServerApp and the ClientApp share: where the repository's modules are, the run's
+options, and arrays <-> Flower records. Nothing here keeps state between messages."""
+import dataclasses
+import importlib
+import json
+import os
+import sys
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+METHODS = ("fedsimclr", "fedmoco", "fedsimsiam", "fedbyol", "fedsc")
+DEFAULTS = {  # the same as [tool.flwr.app.config] in pyproject.toml (run_simulation passes no run config)
+    "method": "fedsc", "rounds": 300, "seed": 0, "lr-schedule": "cosine", "args": "", "data": "10X_PBMC",
+    "min-sites": 2, "out-dir": "flower-runs", "repo-path": "", "timeout": 3600}
+APP_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class SiteError(Exception):
+    """A site could not do what it was asked (its message names the site); the run stops."""
+
+
+def repo(*configs):
+    """Put the repository's folder (common.py, data.py, the method files) first on sys.path. The first
+    of: a 'repo-path' in the given configs (a SuperNode's node config, then the run config), the
+    FEDSC_REPO environment variable, the folder above the app (a source checkout)."""
+    tried = [c.get("repo-path", "") for c in configs] + [os.environ.get("FEDSC_REPO", ""), APP_PARENT]
+    for path in tried:
+        if path and os.path.isfile(os.path.join(path, "common.py")):
+            path = os.path.abspath(path)
+            if sys.path[0] != path:
+                sys.path.insert(0, path)
+            return path
+    raise SiteError("error: the repository's modules (common.py, data.py) were not found; give their "
+                    "folder as node config / run config repo-path=\"...\" or in FEDSC_REPO "
+                    f"(tried: {', '.join(repr(p) for p in tried if p) or 'nothing'})")
+
+
+def method_module(name):
+    if name not in METHODS:
+        raise SiteError(f"error: unknown method '{name}'; use one of {', '.join(METHODS)}")
+    return importlib.import_module(name)
+
+
+def args_to_text(args):
+    """The method's Args as JSON: every option, as resolved by the server."""
+    return json.dumps({f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+
+
+def args_from_text(module, text):
+    return module.Args(**json.loads(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrays <-> records: named numpy arrays (or torch tensors) in an ArrayRecord
+# ---------------------------------------------------------------------------------------------
+def pack(arrays):
+    """{name: numpy array or torch tensor} -> ArrayRecord (exact: dtypes and bits are kept)."""
+    out = {}
+    for k, v in arrays.items():
+        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+        out[k] = Array(v if v.flags.c_contiguous else v.copy(order="C"))  # (ascontiguousarray makes 0-d 1-d)
+    return ArrayRecord(out)
+
+
+def unpack(record):
+    """ArrayRecord -> {name: numpy array} (writable copies)."""
+    return {k: np.array(a.numpy()) for k, a in record.items()}
+
+
+def pack_state(state):
+    """{module: {tensor name: tensor}} (a method's global_state or upload) -> one flat ArrayRecord."""
+    return pack({f"{m}.{k}": v for m, s in state.items() for k, v in s.items()})
+
+
+def unpack_state(record):
+    """The inverse of pack_state: {module: {tensor name: torch tensor}}."""
+    import torch
+    out = {}
+    for name, a in unpack(record).items():
+        module, key = name.split(".", 1)
+        out.setdefault(module, {})[key] = torch.from_numpy(a)
+    return out
+
+
+def config(**values):
+    """A ConfigRecord; numpy scalars become Python numbers, None is left out."""
+    return ConfigRecord({k: v.item() if hasattr(v, "item") else v for k, v in values.items() if v is not None})
