@@ -146,18 +146,15 @@ def hello(site, msg):
 
 @_step("totals")
 def totals(site, msg):
-    """SITE -> SERVER: per-gene totals of its counts, and its label names."""
+    """SITE -> SERVER: per-gene totals of its counts, its number of non-empty cells and its label
+    names. It keeps its cells' library sizes for the median's questions (the genes the server will
+    drop are empty everywhere, so they add nothing to a library size)."""
     X, labels, genes, cells = site.counts()
-    return _reply(msg, arrays=pack({"totals": np.asarray(X.sum(0)).ravel()}),
-                  reply=config(labels=None if labels is None else sorted(set(labels.tolist())), n=X.shape[0]))
-
-
-@_step("library")
-def library(site, msg):
-    """SITE: keeps its cells' library sizes (over the kept genes); sends only their count and sum."""
-    X, lib, c, labels, genes, cells = site.normalised()
+    lib = np.asarray(X.sum(1)).ravel()
+    lib = lib[lib >= 1]
     site.state["fedsc.lib"] = pack({"lib": lib})
-    return _reply(msg, reply=config(n=len(lib), total=float(lib.sum())))
+    return _reply(msg, arrays=pack({"totals": np.asarray(X.sum(0)).ravel()}),
+                  reply=config(labels=None if labels is None else sorted(set(labels.tolist())), n=len(lib)))
 
 
 @_step("count")

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedsc_flower.records import DEFAULTS, SiteError, args_to_text, config, method_module, pack, pack_state, repo, unpack, unpack_state
 
 N_INIT, MAX_ITER = 10, 300  # common.federated_kmeans' restarts and federated_lloyd's iterations
-BISECT_DEPTH = 6             # levels of the median's bisection asked for in one message (63 thresholds)
+BISECT_DEPTH = 12            # levels of the median's bisection asked for in one message (4095 thresholds)
 
 
 class Sites:
@@ -169,13 +169,13 @@ def preprocess(sites, args):
     label_names = np.unique(np.concatenate([r["reply"]["labels"] for r in replies])) if all(labelled) else None
     if label_names is None and args.n_clusters < 1:
         raise SiteError("the sites have no cell-type labels: pass --n-clusters (run config args) to choose k")
-    genes = np.flatnonzero(sum(unpack(r["arrays"])["totals"] for r in replies) >= 1)  # SERVER: non-empty genes
+    totals = [unpack(r["arrays"])["totals"] for r in replies]
+    genes = np.flatnonzero(sum(totals) >= 1)  # SERVER: the non-empty genes
     kept = pack({"genes": genes})
-    replies = sites.ask("library", arrays=kept)
     n = sum(int(r["reply"]["n"]) for r in replies)
     if n < 2 or len(genes) < 2:
         raise SiteError(f"after removing empty cells/genes only {n} cells x {len(genes)} genes are left")
-    hi = int(sum(float(r["reply"]["total"]) for r in replies))  # an aggregate bound: the sum of all counts
+    hi = int(sum(t.sum() for t in totals))  # an aggregate bound: the sum of all counts
     median = median_library_size(sites, kept, n, hi)
     replies = sites.ask("moments", arrays=kept, median=float(median))
     n_all, mean, m2 = D.merge_moments([(int(r["reply"]["n"]), *(unpack(r["arrays"])[k] for k in ("mean", "m2"))) for r in replies])

@@ -1,0 +1,211 @@
+"""Tests of the optional Flower app (flower/): in Flower's simulation engine it gives the in-process
+loop's global weights, bit for bit, and its preprocessing and federated metrics; a real deployment
+(one SuperLink, two SuperNodes, `flwr run`) trains on two site files and each site writes back
+only its own cells. Skipped when flwr is not installed (pip install -r requirements-flower.txt).
+Run: python -m pytest -q test_flower.py"""
+import importlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+
+import common
+import data as D
+from test_smoke import _site_files, parse, rows, write_h5
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+APP = os.path.join(ROOT, "flower")
+sys.path.insert(0, APP)
+from fedsc_flower import records  # noqa: E402  (the app's folder is on the path above)
+
+TINY = "--local-epochs 1 --batch-size 64 --n-genes 100"
+SIMULATE = """
+import sys
+from flwr.simulation import run_simulation
+from fedsc_flower import client_app, server_app
+for method, extra in [("fedsc", ""), ("fedmoco", " --version 2")]:
+    run_simulation(server_app=server_app.make_app({"method": method, "rounds": 2, "data": sys.argv[1], "seed": 3,
+                                                  "out-dir": sys.argv[2] + "/" + method, "args": sys.argv[3] + extra}),
+                   client_app=client_app.app, num_supernodes=2,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0},
+                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+"""
+
+
+def flower_env(home):
+    """Nothing written to the user's home, no update check, the repository's modules found."""
+    return dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_UPDATE_CHECK="1", FEDSC_REPO=ROOT, OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([APP, ROOT]), FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2", RAY_DEDUP_LOGS="0")
+
+
+def run_folder(out):
+    runs = os.listdir(os.path.join(out, "runs"))
+    assert len(runs) == 1, runs
+    return os.path.join(out, "runs", runs[0])
+
+
+def test_defaults_are_the_pyprojects_run_config():
+    import tomllib
+    with open(os.path.join(APP, "pyproject.toml"), "rb") as f:
+        assert tomllib.load(f)["tool"]["flwr"]["app"]["config"] == records.DEFAULTS
+
+
+def test_records_keep_every_bit_and_shape():
+    model = importlib.import_module("fedsc").make_model(20, parse("fedsc"))
+    state = {key: common.weights(m) for key, m in model.items()}
+    back = records.unpack_state(records.pack_state(state))
+    assert all(torch.equal(back[m][k], v) and back[m][k].dtype == v.dtype and back[m][k].shape == v.shape
+               for m in state for k, v in state[m].items())
+    assert records.unpack(records.pack({"x": np.float64(1.5)}))["x"].shape == ()  # 0-d stays 0-d
+
+
+def test_unknown_method_and_missing_repository_say_so(monkeypatch):
+    with pytest.raises(records.SiteError, match="error: unknown method 'fedx'; use one of fedsimclr"):
+        records.method_module("fedx")
+    monkeypatch.setattr(records, "APP_PARENT", "/nowhere")
+    monkeypatch.delenv("FEDSC_REPO", raising=False)
+    with pytest.raises(records.SiteError, match="repo-path"):
+        records.repo({"repo-path": "/also/nowhere"})
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    """2 rounds of FedSC and of FedMoCo v2 on two SuperNodes of Flower's simulation engine (Ray),
+    partition-id over one file, as the in-process loop partitions it."""
+    tmp = tmp_path_factory.mktemp("sim")
+    X, y = D.synthetic_counts(n_cells=300, n_genes=200, n_types=4, seed=0)
+    path = write_h5(tmp / "synth.h5", X, y + 1)
+    p = subprocess.run([sys.executable, "-c", SIMULATE, path, str(tmp), TINY], cwd=ROOT, capture_output=True, text=True,
+                       env=flower_env(tmp / "home"), timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return path, tmp, p.stdout
+
+
+@pytest.mark.parametrize("name,extra", [("fedsc", []), ("fedmoco", ["--version", "2"])])
+def test_simulation_gives_the_in_process_weights_bit_for_bit(name, extra, simulated, tmp_path):
+    """The same seed, data and partition through common.federate (--preprocess federated --evaluate
+    federated) and through Flower: the same global weights (torch.equal on every tensor), the same
+    preprocessed cells on every site, the same federated metrics."""
+    path, tmp, log = simulated
+    mod = importlib.import_module(name)
+    args = parse(name, ["--data", path, "--clients", "2", "--rounds", "2", "--seed", "3", "--preprocess", "federated",
+                        "--evaluate", "federated", "--out", str(tmp_path / "r.csv")] + TINY.split() + extra)
+    data = common.setup(args)
+    model = mod.make_model(data.X.shape[1], args)
+    initial = {key: common.weights(model[key]) for key in mod.UPLOAD}
+    common.federate(args, data, model, mod.download, mod.local_update, mod.upload, mod.aggregate)
+    folder = run_folder(os.path.join(tmp, name))
+    flower = torch.load(os.path.join(folder, "global.pt"))
+    assert set(flower) == set(mod.UPLOAD)
+    for key in mod.UPLOAD:
+        for k, v in model[key].state_dict().items():
+            assert torch.equal(flower[key][k], v), f"{key}.{k} differs"
+    assert any(not torch.equal(initial[key][k], v) for key in mod.UPLOAD for k, v in model[key].state_dict().items())
+    # every site kept its own cells, preprocessed from the sites' statistics as in process
+    import anndata
+    for k, idx in enumerate(data.parts):
+        ad = anndata.read_h5ad(os.path.join(folder, f"site{k}_synth_part{k}.h5ad"))
+        assert np.array_equal(ad.X, data.X[idx])
+        assert list(ad.obs_names) == [str(c) for c in data.cells[idx]]
+    # the federated KMeans and metrics from messages equal common.federated_metrics on the same encoder
+    expected, _ = common.federated_metrics(common.embed(args, model, data.X), data, args.seed)
+    got = json.load(open(os.path.join(folder, "result.json")))
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
+    assert got["method"] == args.method and got["clients"] == 2 and got["status"] == "ok"
+
+
+# ---------------------------------------------------------------------------------------------
+# A real deployment on this machine: separate processes talking over 127.0.0.1
+# ---------------------------------------------------------------------------------------------
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def stop(proc):
+    """Stop a process we started and everything it started (its own session), by its PID."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+def test_deployment_one_superlink_two_supernodes_each_site_gets_its_own_cells(tmp_path):
+    a, b, X, y = _site_files(tmp_path)
+    link, node_a, node_b = free_ports(3)
+    home = tmp_path / "home"
+    home.mkdir()
+    # an explicit connection to our own SuperLink (the default 'local' one would start a detached one)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+    env, procs, t0 = flower_env(home), [], time.time()
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("superlink", "site_a", "site_b")}
+
+    def start(name, cmd):
+        procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=logs[name], stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+
+    def flwr(*cmd):
+        p = subprocess.run(["flwr", *cmd, "--format", "json"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        return json.loads(p.stdout[p.stdout.index("{"):]) if "{" in p.stdout else {"stderr": p.stderr}
+
+    try:
+        start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
+                            "--disable-runtime-dependency-installation"])
+        for name, path, port in (("site_a", a, node_a), ("site_b", b, node_b)):
+            start(name, ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--max-retries", "0",
+                         "--host", "127.0.0.1", "--port", str(port),
+                         "--node-config", f'data-path="{path}" out-dir="{tmp_path / name}"'])
+        time.sleep(3)
+        started = flwr("run", APP, "test", "--run-config",
+                       f'rounds=2 min-sites=2 timeout=600 out-dir="{tmp_path / "server"}" args="{TINY}"')
+        assert started.get("success"), started
+        run_id, status = started["run-id"], ""
+        while time.time() - t0 < 1200 and not status.startswith("finished"):
+            time.sleep(5)
+            runs = flwr("ls", "test", "--run-id", str(run_id)).get("runs", [])
+            status = runs[0]["status"] if runs else ""
+            assert all(p.poll() is None for p in procs), "a SuperLink or SuperNode stopped during the run"
+        assert status == "finished:completed", (status, (tmp_path / "superlink.log").read_text()[-3000:])
+    finally:
+        for p in procs:
+            stop(p)
+        for f in logs.values():
+            f.close()
+    assert all(p.poll() is not None for p in procs)
+    # the server's row, and each site's own cells, preprocessed as the in-process --sites run does
+    row = rows(str(tmp_path / "server" / "results.csv")).iloc[0]
+    assert row["status"] == "ok" and row["clients"] == 2 and json.loads(row["sites"].replace("'", '"')) == ["a.h5", "b.h5"]
+    import anndata
+    args = parse("fedsc", ["--sites", a, b, "--out", str(tmp_path / "r.csv")] + TINY.split())
+    common.check_args(args)
+    common.resolve(args, os.path.join(ROOT, "fedsc.py"))
+    data = common.load_sites(args)
+    for k, (name, n, prefix) in enumerate((("site_a", 70, "a"), ("site_b", 90, "b"))):
+        folder = run_folder(tmp_path / name)
+        assert os.listdir(folder) == [f"site{k}_{prefix}.h5ad"]  # this site's file only
+        ad = anndata.read_h5ad(os.path.join(folder, f"site{k}_{prefix}.h5ad"))
+        assert list(ad.obs_names) == [f"{prefix}{i}" for i in range(n)]  # its cells, no other site's
+        assert np.array_equal(ad.X, data.X[data.parts[k]])
+        assert ad.obsm["X_fedsc"].shape == (n, 60) and np.isfinite(ad.obsm["X_fedsc"]).all()
+        assert list(ad.obs["cell_type"]) == list(np.array(["B", "NK", "T", "mono"])[y[:70] if k == 0 else y[70:]])
+        assert set(ad.obs["fedsc_cluster"].astype(int)) <= set(range(4))
