@@ -6,13 +6,9 @@ Run: python -m pytest -q test_flower.py"""
 import importlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -26,7 +22,8 @@ from test_smoke import _site_files, parse, rows, write_h5
 ROOT = os.path.dirname(os.path.abspath(__file__))
 APP = os.path.join(ROOT, "flower")
 sys.path.insert(0, APP)
-from fedsc_flower import records  # noqa: E402  (the app's folder is on the path above)
+import localhost  # noqa: E402  (the app's folder is on the path above)
+from fedsc_flower import records  # noqa: E402
 
 TINY = "--local-epochs 1 --batch-size 64 --n-genes 100"
 SIMULATE = """
@@ -40,12 +37,6 @@ for method, extra in [("fedsc", ""), ("fedmoco", " --version 2")]:
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0},
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})
 """
-
-
-def flower_env(home):
-    """Nothing written to the user's home, no update check, the repository's modules found."""
-    return dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_UPDATE_CHECK="1", FEDSC_REPO=ROOT, OMP_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join([APP, ROOT]), FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2", RAY_DEDUP_LOGS="0")
 
 
 def run_folder(out):
@@ -86,7 +77,7 @@ def simulated(tmp_path_factory):
     X, y = D.synthetic_counts(n_cells=300, n_genes=200, n_types=4, seed=0)
     path = write_h5(tmp / "synth.h5", X, y + 1)
     p = subprocess.run([sys.executable, "-c", SIMULATE, path, str(tmp), TINY], cwd=ROOT, capture_output=True, text=True,
-                       env=flower_env(tmp / "home"), timeout=900)
+                       env=localhost.flower_env(tmp / "home"), timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return path, tmp, p.stdout
 
@@ -128,70 +119,16 @@ def test_simulation_gives_the_in_process_weights_bit_for_bit(name, extra, simula
 # ---------------------------------------------------------------------------------------------
 # A real deployment on this machine: separate processes talking over 127.0.0.1
 # ---------------------------------------------------------------------------------------------
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def stop(proc):
-    """Stop a process we started and everything it started (its own session), by its PID."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-
-
 def test_deployment_one_superlink_two_supernodes_each_site_gets_its_own_cells(tmp_path):
+    """flower/localhost.py: a SuperLink and two SuperNodes as separate processes, `flwr run`, polled
+    to finished:completed, every process stopped by its PID; each site wrote its own cells only."""
     a, b, X, y = _site_files(tmp_path)
-    link, node_a, node_b = free_ports(3)
-    home = tmp_path / "home"
-    home.mkdir()
-    # an explicit connection to our own SuperLink (the default 'local' one would start a detached one)
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
-                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
-    env, procs, t0 = flower_env(home), [], time.time()
-    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("superlink", "site_a", "site_b")}
-
-    def start(name, cmd):
-        procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=logs[name], stderr=subprocess.STDOUT,
-                                      start_new_session=True))
-
-    def flwr(*cmd):
-        p = subprocess.run(["flwr", *cmd, "--format", "json"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-        return json.loads(p.stdout[p.stdout.index("{"):]) if "{" in p.stdout else {"stderr": p.stderr}
-
-    try:
-        start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
-                            "--disable-runtime-dependency-installation"])
-        for name, path, port in (("site_a", a, node_a), ("site_b", b, node_b)):
-            start(name, ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--max-retries", "0",
-                         "--host", "127.0.0.1", "--port", str(port),
-                         "--node-config", f'data-path="{path}" out-dir="{tmp_path / name}"'])
-        time.sleep(3)
-        started = flwr("run", APP, "test", "--run-config",
-                       f'rounds=2 min-sites=2 timeout=600 out-dir="{tmp_path / "server"}" args="{TINY}"')
-        assert started.get("success"), started
-        run_id, status = started["run-id"], ""
-        while time.time() - t0 < 1200 and not status.startswith("finished"):
-            time.sleep(5)
-            runs = flwr("ls", "test", "--run-id", str(run_id)).get("runs", [])
-            status = runs[0]["status"] if runs else ""
-            assert all(p.poll() is None for p in procs), "a SuperLink or SuperNode stopped during the run"
-        assert status == "finished:completed", (status, (tmp_path / "superlink.log").read_text()[-3000:])
-    finally:
-        for p in procs:
-            stop(p)
-        for f in logs.values():
-            f.close()
-    assert all(p.poll() is not None for p in procs)
+    nodes = [f'data-path="{path}" out-dir="{tmp_path / name}"' for name, path in (("site_a", a), ("site_b", b))]
+    with localhost.deployment(tmp_path / "flower", nodes) as flower:
+        status = flower.run(f'rounds=2 min-sites=2 timeout=600 out-dir="{tmp_path / "server"}" args="{TINY}"')
+        procs = flower.procs
+    assert status == "finished:completed", (status, (tmp_path / "flower" / "superlink.log").read_text()[-3000:])
+    assert len(procs) == 3 and all(p.poll() is not None for p in procs)
     # the server's row, and each site's own cells, preprocessed as the in-process --sites run does
     row = rows(str(tmp_path / "server" / "results.csv")).iloc[0]
     assert row["status"] == "ok" and row["clients"] == 2 and json.loads(row["sites"].replace("'", '"')) == ["a.h5", "b.h5"]

@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 METHODS = ("fedsimclr", "fedmoco", "fedsimsiam", "fedbyol", "fedsc")
 DEFAULTS = {  # the same as [tool.flwr.app.config] in pyproject.toml (run_simulation passes no run config)
     "method": "fedsc", "rounds": 300, "seed": 0, "lr-schedule": "cosine", "args": "", "data": "10X_PBMC",
-    "min-sites": 2, "out-dir": "flower-runs", "repo-path": "", "timeout": 3600}
+    "min-sites": 2, "out-dir": "flower-runs", "repo-path": "", "timeout": 3600, "evaluate": True}
 APP_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -4,7 +4,7 @@ common.federated_metrics, each site's part asked for by a message (statistics in
 no cell, no embedding and no per-cell label ever reaches the server.
 
 Run config (pyproject.toml): method, rounds, seed, lr-schedule, args (any other option of the method
-file), data (simulation), min-sites, out-dir, repo-path, timeout."""
+file), data (simulation), min-sites, out-dir, repo-path, timeout, evaluate."""
 import json
 import math
 import os
@@ -280,7 +280,7 @@ def run(grid, run_config):
         uploads = [(unpack_state(r["arrays"]), int(r["metrics"]["num-examples"])) for r in replies]
         global_state = mod.aggregate(uploads)  # SERVER: only weights and counts arrive
         logs = [{k: v for k, v in r["metrics"].items() if k != "num-examples"} for r in replies]
-        log += [{"round": rnd + 1, "client": c, "lr": lr, **e} for c, e in enumerate(logs)]
+        log += [{"round": rnd + 1, "client": c, "lr": lr, **e, "seconds": time.time() - t0} for c, e in enumerate(logs)]
         loss = float(np.mean([e["loss"] for e in logs]))
         if not math.isfinite(loss):
             raise common.Diverged(f"round {rnd + 1}: the loss is {loss}; try a smaller --lr")
@@ -292,8 +292,10 @@ def run(grid, run_config):
     print(f"trained {args.rounds} rounds in {seconds:.1f}s", flush=True)
     folder = common.run_folder(args)
     name = os.path.basename(folder)
-    metrics, files = evaluate(sites, args, global_state, k, label_names, name)
-    print("final  " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f"  time {time.time() - t_start:.1f}s", flush=True)
+    metrics, files = {}, []
+    if run_config["evaluate"]:
+        metrics, files = evaluate(sites, args, global_state, k, label_names, name)
+        print("final  " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f"  time {time.time() - t_start:.1f}s", flush=True)
     import pandas as pd
     D.write_atomic(os.path.join(folder, "global.pt"), lambda tmp: torch.save(global_state, tmp))
     D.write_atomic(os.path.join(folder, "rounds.csv"), lambda tmp: pd.DataFrame(log).to_csv(tmp, index=False))
@@ -302,7 +304,8 @@ def run(grid, run_config):
            "config_id": common.config_id(args), "run": name, "runtime": "flower", "site_files": json.dumps(files)}
     D.write_atomic(os.path.join(folder, "result.json"), lambda tmp: json.dump(row, open(tmp, "w"), indent=1))
     common.append_row(args.out, row)
-    print(f"wrote a row to {args.out} and the run's files to {folder}; each site wrote its own cells: {', '.join(files)}", flush=True)
+    print(f"wrote a row to {args.out} and the run's files to {folder}"
+          + (f"; each site wrote its own cells: {', '.join(files)}" if files else ""), flush=True)
     return metrics
 
 
