@@ -30,7 +30,7 @@ SIMULATE = """
 import sys
 from flwr.simulation import run_simulation
 from fedsc_flower import client_app, server_app
-for method, extra in [("fedsc", ""), ("fedmoco", " --version 2")]:
+for method, extra in [("fedsc", ""), ("fedmoco", " --version 2"), ("fedbyol", ""), ("fedsimclr", ""), ("fedsimsiam", "")]:
     run_simulation(server_app=server_app.make_app({"method": method, "rounds": 2, "data": sys.argv[1], "seed": 3,
                                                   "out-dir": sys.argv[2] + "/" + method, "args": sys.argv[3] + extra}),
                    client_app=client_app.app, num_supernodes=2,
@@ -71,8 +71,8 @@ def test_unknown_method_and_missing_repository_say_so(monkeypatch):
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
-    """2 rounds of FedSC and of FedMoCo v2 on two SuperNodes of Flower's simulation engine (Ray),
-    partition-id over one file, as the in-process loop partitions it."""
+    """2 rounds of each method on two SuperNodes of Flower's simulation engine (Ray), partition-id
+    over one file, as the in-process loop partitions it."""
     tmp = tmp_path_factory.mktemp("sim")
     X, y = D.synthetic_counts(n_cells=300, n_genes=200, n_types=4, seed=0)
     path = write_h5(tmp / "synth.h5", X, y + 1)
@@ -82,7 +82,8 @@ def simulated(tmp_path_factory):
     return path, tmp, p.stdout
 
 
-@pytest.mark.parametrize("name,extra", [("fedsc", []), ("fedmoco", ["--version", "2"])])
+@pytest.mark.parametrize("name,extra", [("fedsc", []), ("fedmoco", ["--version", "2"]), ("fedbyol", []), ("fedsimclr", []),
+                                        ("fedsimsiam", [])])
 def test_simulation_gives_the_in_process_weights_bit_for_bit(name, extra, simulated, tmp_path):
     """The same seed, data and partition through common.federate (--preprocess federated --evaluate
     federated) and through Flower: the same global weights (torch.equal on every tensor), the same
