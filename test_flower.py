@@ -6,6 +6,7 @@ Run: python -m pytest -q test_flower.py"""
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -27,15 +28,22 @@ from fedsc_flower import records  # noqa: E402
 
 TINY = "--local-epochs 1 --batch-size 64 --n-genes 100"
 SIMULATE = """
-import sys
+import json, sys
 from flwr.simulation import run_simulation
-from fedsc_flower import client_app, server_app
+from fedsc_flower import client_app, records, server_app
+seen, ask = [], server_app.Sites.ask
+def spied(self, action, *a, **k):  # every array that reaches the server, and its shape
+    replies = ask(self, action, *a, **k)
+    seen.extend([action, key, list(v.shape)] for r in replies if "arrays" in r for key, v in records.unpack(r["arrays"]).items())
+    return replies
+server_app.Sites.ask = spied
 for method, extra in [("fedsc", ""), ("fedmoco", " --version 2"), ("fedbyol", ""), ("fedsimclr", ""), ("fedsimsiam", "")]:
     run_simulation(server_app=server_app.make_app({"method": method, "rounds": 2, "data": sys.argv[1], "seed": 3,
                                                   "out-dir": sys.argv[2] + "/" + method, "args": sys.argv[3] + extra}),
                    client_app=client_app.app, num_supernodes=2,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0},
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})
+json.dump(seen, open(sys.argv[2] + "/seen.json", "w"))
 """
 
 
@@ -115,6 +123,32 @@ def test_simulation_gives_the_in_process_weights_bit_for_bit(name, extra, simula
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
     assert got["method"] == args.method and got["clients"] == 2 and got["status"] == "ok"
+
+
+def test_the_server_receives_no_array_with_a_row_per_cell(simulated):
+    """Every array of every site's reply in the simulated runs (preprocessing statistics, uploads,
+    KMeans sums, contingency tables...): none has a dimension of a site's cell count."""
+    path, tmp, log = simulated
+    data = common.setup(parse("fedsc", ["--data", path, "--clients", "2", "--seed", "3", "--preprocess", "federated",
+                                        "--out", os.path.join(tmp, "r.csv")] + TINY.split()))
+    per_cell = {len(p) for p in data.parts} | {len(data.X)}
+    seen = json.load(open(os.path.join(tmp, "seen.json")))
+    actions = {a for a, _, _ in seen}
+    assert {"totals", "moments", "log_moments", "train", "embed", "assign", "finish"} <= actions
+    assert not [s for s in seen if per_cell & set(s[2])], "an array with a row per cell reached the server"
+    assert per_cell & {146, 154}  # the sites' sizes, which no gene, layer or cluster count equals
+
+
+def test_a_site_error_stops_the_run_with_one_line_naming_the_site(tmp_path):
+    p = subprocess.run([sys.executable, "-c", SIMULATE.split("for method")[0] + """
+run_simulation(server_app=server_app.make_app({"rounds": 1, "data": sys.argv[1], "out-dir": sys.argv[2]}),
+               client_app=client_app.app, num_supernodes=2,
+               backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}, "init_args": {"num_cpus": 2}})
+""", str(tmp_path / "nowhere.h5"), str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       env=localhost.flower_env(tmp_path / "home"), timeout=600)
+    assert p.returncode != 0
+    assert re.search(r"^error: site \d \(partition \d\): data file '.*nowhere.h5' does not exist", p.stderr, re.M), p.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "results.csv")
 
 
 # ---------------------------------------------------------------------------------------------
