@@ -7,11 +7,10 @@ A ClientApp object is made anew for every message: everything a site keeps betwe
 (its preprocessed cells, library sizes, its model incl. the target / key encoder, the method's
 client.state such as FedSC's lambda or MoCo's queue, its torch.Generator, its embedding and
 KMeans labels) lives in context.state, which never leaves the SuperNode."""
-import json
 import os
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsc_flower.records import SiteError, args_from_text, config, method_module, pack, pack_state, repo, unpack, unpack_state
@@ -41,7 +40,7 @@ class Site:
     # -- reading and preprocessing (data.preprocess_federated, one step per message) -------------
     def read(self):
         """SITE: its raw counts (cells x genes, the server's shared genes when it named them), label
-        names per cell or None, gene names or None, cell names, row numbers in its file, the file."""
+        names per cell or None, gene names or None, cell names, and the cells' row numbers in its file."""
         D, args, node = self.D, self.args, self.context.node_config
         found = {}
         if self.path:
@@ -123,7 +122,6 @@ def _step(action):
 @_step("hello")
 def hello(site, msg):
     """SITE -> SERVER: what the server needs to match the sites: gene names, the file's sha256."""
-    import scipy.sparse as sp
     node = site.context.node_config
     if site.path:
         if not os.path.exists(site.path):

@@ -13,7 +13,7 @@ import sys
 import time
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedsc_flower.records import DEFAULTS, SiteError, args_to_text, config, method_module, pack, pack_state, repo, unpack, unpack_state
@@ -319,7 +319,6 @@ def make_app(overrides=None):
         run_config = {**DEFAULTS, **dict(context.run_config), **(overrides or {})}
         try:
             repo(run_config)
-            import common
             run(grid, run_config)
         except SiteError as e:
             msg = str(e)
