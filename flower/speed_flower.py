@@ -47,6 +47,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--out", default="")
+    p.add_argument("--no-publish", dest="publish", action="store_false",
+                   help="print only; by default results/speed_flower.md and the README block are written")
     a = p.parse_args()
     import common
     import data as D
@@ -90,14 +92,22 @@ def main():
         sys.exit(f"the deployment ended with status {status}; logs in {os.path.join(out, 'flower')}")
     times["Flower deployment (SuperLink + 4 SuperNodes, 127.0.0.1)"] = per_round(os.path.join(out, "deployment"))
     load = os.getloadavg()[0]
-    print(f"{a.method} on {a.data}, {a.clients} clients, {a.rounds} rounds, paper protocol otherwise; load average "
-          f"{load:.1f} on {os.cpu_count()} CPUs at the end")
-    print("| runtime | seconds per round (each round) | mean of rounds 2.. |")
-    print("|---|---|---|")
+    lines = [f"{a.method} on {a.data}, {a.clients} clients, {a.rounds} rounds, paper protocol otherwise, training only; "
+             f"`python flower/speed_flower.py --rounds {a.rounds}`; load average {load:.1f} on {os.cpu_count()} CPUs at "
+             f"the end (other processes slow every figure alike, not their ratios):", "",
+             "| runtime | seconds per round (each round) | mean of rounds 2.. |", "|---|---|---|"]
     for name, t in times.items():
         rest = t[1:] or t
-        print(f"| {name} | {' / '.join(f'{x:.2f}' for x in t)} | {sum(rest) / len(rest):.2f} |")
+        lines.append(f"| {name} | {' / '.join(f'{x:.2f}' for x in t)} | {sum(rest) / len(rest):.2f} |")
+    md = "\n".join(lines)
+    print(md)
     print(json.dumps({"times": times, "simulation_wall_seconds": sim_wall, "load": load, "out": out}))
+    if a.publish:
+        import benchmark
+        os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
+        with open(os.path.join(ROOT, "results", "speed_flower.md"), "w") as f:
+            f.write(md + "\n")
+        benchmark.readme_block("flower-speed", md, "flower/speed_flower.py")
 
 
 if __name__ == "__main__":
