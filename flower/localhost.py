@@ -110,3 +110,34 @@ def deployment(folder, node_configs):
             stop(p)
         for f in logs:
             f.close()
+
+
+def main():
+    """python flower/localhost.py SITE_FILE ... [--run-config '...'] [--out folder]: a whole
+    deployment on this machine, one SuperNode per site file; prints the run's results row."""
+    import argparse
+    import csv
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("sites", nargs="+", help="one data file per site (any format --data reads)")
+    p.add_argument("--run-config", default='method="fedsc"', help="flwr run --run-config, e.g. 'method=\"fedsc\" rounds=50'")
+    p.add_argument("--out", default="flower-runs", help="the server's and the sites' outputs, and Flower's logs")
+    p.add_argument("--timeout", type=int, default=24 * 3600)
+    a = p.parse_args()
+    out = os.path.abspath(a.out)
+    for site in a.sites:
+        if not os.path.exists(site):
+            p.error(f"site file '{site}' does not exist")
+    nodes = [f'data-path="{os.path.abspath(s)}" out-dir="{os.path.join(out, f"site{k}")}"' for k, s in enumerate(a.sites)]
+    t0 = time.time()
+    with deployment(os.path.join(out, "flower"), nodes) as d:
+        status = d.run(f'{a.run_config} min-sites={len(a.sites)} out-dir="{os.path.join(out, "server")}"', timeout=a.timeout)
+    print(f"status {status} after {time.time() - t0:.0f} s; Flower's logs in {os.path.join(out, 'flower')}")
+    results = os.path.join(out, "server", "results.csv")
+    if status != "finished:completed" or not os.path.exists(results):
+        raise SystemExit(1)
+    row = list(csv.DictReader(open(results)))[-1]
+    print("  ".join(f"{k} {row[k]}" for k in ("method", "rounds", "lr", "ari", "nmi", "sil_simplified", "seconds") if k in row))
+
+
+if __name__ == "__main__":
+    main()
