@@ -509,6 +509,13 @@ def readme_block(name, body, source):
     print(f"README.md {name} section updated", flush=True)
 
 
+def publish(name, md, source, readme=None):
+    """results/<name>.md gets md; the README's <name> block gets readme (default: md)."""
+    os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
+    D.write_atomic(os.path.join(ROOT, "results", f"{name}.md"), lambda tmp: open(tmp, "w").write(md + "\n"))
+    readme_block(name, md if readme is None else readme, source)
+
+
 def update_readme(tables):
     """The README's results block: every complete generated table, and the Table 1 figure."""
     body = "\n\n".join(f"**{TITLES[k]}**\n\n{md}\n\n{note}" for k, (md, note) in tables.items())

@@ -155,11 +155,8 @@ def main():
         print(f"{n} cells done: {rows[-1]}", flush=True)
     md = table(rows, " ".join(["python scale.py"] + sys.argv[1:]), time.perf_counter() - t_start)
     print(md)
-    os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "results", "scale.md"), "w") as f:
-        f.write(md + "\n")
     import benchmark
-    benchmark.readme_block("scale", md, "scale.py")
+    benchmark.publish("scale", md, "scale.py")
 
 
 if __name__ == "__main__":

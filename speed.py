@@ -153,10 +153,8 @@ def main():
         f"| `{e.key}` | {e.self_cpu_time_total / 1e6 / prof_args.rounds:.3f} | {e.count // prof_args.rounds} |" for e in top]
     md = "\n".join(summary)
     print(md + "\n".join(profile_md))
-    os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "results", "speed.md"), "w") as f:
-        f.write(md + "\n" + "\n".join(profile_md) + "\n")
-    benchmark.readme_block("speed", md + "\n\nOperator profile: `results/speed.md`.", "speed.py")
+    benchmark.publish("speed", md + "\n" + "\n".join(profile_md), "speed.py",
+                      readme=md + "\n\nOperator profile: `results/speed.md`.")
 
 
 if __name__ == "__main__":

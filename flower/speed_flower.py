@@ -104,10 +104,7 @@ def main():
     print(json.dumps({"times": times, "simulation_wall_seconds": sim_wall, "load": load, "out": out}))
     if a.publish:
         import benchmark
-        os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
-        with open(os.path.join(ROOT, "results", "speed_flower.md"), "w") as f:
-            f.write(md + "\n")
-        benchmark.readme_block("flower-speed", md, "flower/speed_flower.py")
+        benchmark.publish("speed_flower", md, "flower/speed_flower.py")
 
 
 if __name__ == "__main__":
