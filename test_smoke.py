@@ -1182,3 +1182,14 @@ def test_speed_first_layer_variants_compute_the_same_product():
     speed = importlib.import_module("speed")
     ms = speed.first_layer_variants(30, batch=16, seconds=0.01)
     assert set(ms) == {"dense", "embedding bag over kept genes", "CSR sparse product"} and min(ms.values()) > 0
+
+
+def test_publish_writes_the_results_file_and_only_its_readme_block(tmp_path, monkeypatch):
+    benchmark = importlib.import_module("benchmark")
+    (tmp_path / "README.md").write_text("intro\n<!-- x:start -->\nold\n<!-- x:end -->\nmid\n<!-- y:start -->\nkeep\n<!-- y:end -->\n")
+    monkeypatch.setattr(benchmark, "ROOT", str(tmp_path))
+    benchmark.publish("x", "| new |", "a test", readme="| new | (short) |")
+    text = (tmp_path / "README.md").read_text()
+    assert "old" not in text and "| new | (short) |" in text and "keep" in text and text.startswith("intro\n")
+    assert "written by a test" in text
+    assert (tmp_path / "results" / "x.md").read_text() == "| new |\n"
