@@ -67,9 +67,9 @@ def recipes():
     return ("paper", "tuned") if os.path.exists(common.RECIPES) else ("paper",)
 
 
-def recipe():
-    """The recipe of the pooled-vs-federated comparison: the tuned one once it exists."""
-    return recipes()[-1]
+def pipeline_argv(ds, prep, extra):
+    """A run of the pooled-vs-federated comparison: the tuned recipe once it exists, evaluated both ways."""
+    return ["--data", ds, "--recipe", recipes()[-1], "--preprocess", prep, "--evaluate", "both"] + extra
 
 
 # The tuning grid: the same for every method, on 10X PBMC only; the best mean ARI wins. The grid
@@ -118,8 +118,7 @@ def plan(experiment, seeds):
         for ds in DATASETS:
             for label, script, extra in FED_PIPELINE:
                 for prep in ("pooled", "federated"):
-                    runs += [((label, ds, prep), script, ["--data", ds, "--recipe", recipe(), "--preprocess", prep,
-                                                          "--evaluate", "both"] + extra, s) for s in seeds]
+                    runs += [((label, ds, prep), script, pipeline_argv(ds, prep, extra), s) for s in seeds]
     elif experiment == "table1":  # the tuned recipe's (shorter) runs first, the paper's 300 rounds last
         for recipe_ in sorted(recipes(), key=lambda r: r != "tuned"):
             for ds in T1_DATASETS:
@@ -404,8 +403,7 @@ def federated_table(df, seeds, overrides, missing):
         for label, script, extra in FED_PIPELINE:
             pooled_genes = set()
             for prep in ("pooled", "federated"):
-                argv = ["--data", ds, "--recipe", recipe(), "--preprocess", prep, "--evaluate", "both"] + extra
-                r = rows_for(df, script, argv, seeds, overrides, missing)
+                r = rows_for(df, script, pipeline_argv(ds, prep, extra), seeds, overrides, missing)
                 genes = r["genes_sha"].astype(str).tolist() if len(r) and "genes_sha" in r else []
                 pooled_genes |= set(genes) if prep == "pooled" else set()
                 same = f"{sum(g in pooled_genes for g in genes)} of {len(genes)}" if genes else "–"
