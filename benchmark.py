@@ -77,12 +77,15 @@ def pipeline_argv(ds, prep, extra):
 # and shorter schedules (ARI peaks early in the paper's 300 rounds), at a third of a paper run's cost.
 TUNE_DATA = "10X_PBMC"
 TUNE_LRS = (0.1, 0.3, 1.0)
-TUNE_SCHEDULES = ((100, 1), (25, 5), (50, 5), (100, 5))  # (rounds, local epochs)
+TUNE_SCHEDULES = ((100, 1), (25, 5), (50, 5))  # (rounds, local epochs): at most 250 local epochs per client
 TUNE_SEEDS = (0,)
-# Fixed by design in the tuned recipe, not tuned: FedSC takes the download rule whose mu does not
-# saturate at 0 or 1 with the lr (see the mu experiment).
-TUNE_FIXED = {"FedSC": {"mu_rule": "relative"}}
-MU_RULES = ("scaled", "literal", "relative")
+# Fixed by design in the tuned recipe, not tuned: every method's evaluation recomputes the global
+# encoder's BatchNorm statistics from the sites (--bn-stats recompute), and FedSC takes the
+# download rule whose mu does not saturate with the lr's size (see the mu experiment).
+TUNE_FIXED = {label: {"bn_stats": "recompute", **({"mu_rule": "relative"} if label == "FedSC" else {})}
+              for label in ("FedSimCLR", "FedMoCoV1", "FedMoCoV2", "FedSimSiam", "FedBYOL", "FedSC")}
+MU_RULES = ("scaled", "literal", "relative", "bounded")
+MU_SCHEDULE = ["--rounds", "50", "--local-epochs", "5", "--bn-stats", "recompute"]  # the tuned recipes' length
 T1_DATASETS = DATASETS + ["baron_mouse_pancreas"]  # Baron: an out-of-sample check, no paper numbers
 FED_PIPELINE = [("FedSimCLR", "fedsimclr.py", []), ("FedSC", "fedsc.py", [])]
 MU_LRS = (0.032, 0.3)
@@ -108,12 +111,14 @@ def plan(experiment, seeds):
             for lr in TUNE_LRS:
                 for r, e in TUNE_SCHEDULES:
                     runs += [((label, lr, r, e), script, tune_argv(label, extra, lr, r, e), s) for s in TUNE_SEEDS]
-    elif experiment == "mu":
+    elif experiment == "mu":  # every seed at the larger lr, where the rules differ most; one at the paper's
         for lr in MU_LRS:
+            some = seeds if lr == max(MU_LRS) else seeds[:1]
             for rule in MU_RULES:
-                runs += [((rule, lr), "fedsc.py", ["--data", TUNE_DATA, "--lr", str(lr), "--mu-rule", rule], s)
-                         for s in seeds[:1]]
-            runs += [(("FedBYOL (mu = 0)", lr), "fedbyol.py", ["--data", TUNE_DATA, "--lr", str(lr)], s) for s in seeds[:1]]
+                runs += [((rule, lr), "fedsc.py", ["--data", TUNE_DATA, "--lr", str(lr), "--mu-rule", rule] + MU_SCHEDULE, s)
+                         for s in some]
+            runs += [(("FedBYOL (mu = 0)", lr), "fedbyol.py", ["--data", TUNE_DATA, "--lr", str(lr)] + MU_SCHEDULE, s)
+                     for s in some]
     elif experiment == "federated":  # pooled vs federated preprocessing; both evaluations in each run
         for ds in DATASETS:
             for label, script, extra in FED_PIPELINE:
@@ -376,21 +381,24 @@ def write_recipes(df, seeds):
 
 
 def mu_table(df, seeds, overrides, missing, results):
-    out = ["| download rule | lr | ARI | NMI | Sil | mean mu, round 2 | round R/10 | round R/2 | last round | "
-           "client-rounds with mu = 1 | with mu < 0.05 |", "|" + "---|" * 11]
+    """FedSC's download rules: scores, and mean mu over the clients at a few rounds, read from the
+    rows' mu_by_round (means over seeds); share of rounds whose mean mu is 1, or below 0.05."""
+    out = ["| download rule | lr | seeds | ARI | NMI | Sil | mean mu, round 2 | round R/10 | round R/2 | last round | "
+           "rounds with mean mu = 1 | with mean mu < 0.05 |", "|" + "---|" * 12]
+    groups = {}
     for label, script, argv, s in plan("mu", seeds):
-        r = rows_for(df, script, argv, [s], overrides, missing)
+        groups.setdefault(label, (script, argv, []))[2].append(s)
+    for label, (script, argv, some) in groups.items():
+        r = rows_for(df, script, argv, some, overrides, missing)
         traj = "| – | – | – | – | – | – |"
-        if len(r) and script == "fedsc.py":
-            path = os.path.join(results, "runs", str(r["run"].iloc[-1]), "rounds.csv")
-            if os.path.exists(path):
-                log = pd.read_csv(path)
-                mu = log.groupby("round")["mu"].mean()
-                R = int(log["round"].max())
-                at = [mu.get(x, np.nan) for x in (2, max(2, R // 10), R // 2, R)]
-                traj = ("| " + " | ".join(f"{v:.3f}" for v in at) + f" | {100 * (log['mu'] >= 1).mean():.0f}% |"
-                        f" {100 * (log['mu'] < 0.05).mean():.0f}% |")
-        out.append(f"| {label[0]} | {label[1]:g} |" + "".join(f" {cell(r, m)} |" for m in ("ari", "nmi", "sil")) + traj[1:])
+        if len(r) and "mu_by_round" in r and r["mu_by_round"].notna().all():
+            mu = np.array([[float(v) for v in str(t).split()] for t in r["mu_by_round"]]).mean(0)
+            R = len(mu)
+            at = [mu[x - 1] for x in (2, max(2, R // 10), R // 2, R)]
+            traj = ("| " + " | ".join(f"{v:.3f}" for v in at) + f" | {100 * np.mean(mu[1:] >= 0.999):.0f}% |"
+                    f" {100 * np.mean(mu[1:] < 0.05):.0f}% |")
+        out.append(f"| {label[0]} | {label[1]:g} | {len(some)} |" + "".join(f" {cell(r, m)} |" for m in ("ari", "nmi", "sil"))
+                   + traj[1:])
     return "\n".join(out)
 
 

@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 EMBED_DIM = 60    # backbone output f(x): what KMeans clusters (contrastive-sc's [200, 40, 60])
 PROJ_DIM = 128    # head output g(f(x)) that the losses compare (the paper's 128-d predictor)
 RECIPES = os.path.join(ROOT, "recipes.json")  # --recipe tuned values, written by run_all.sh tune
-TEXT_COLUMNS = {k: str for k in ("code", "config_id", "commit", "data_sha256", "genes_sha", "run")}  # hashes stay text
+TEXT_COLUMNS = {k: str for k in ("code", "config_id", "commit", "data_sha256", "genes_sha", "run", "mu_by_round", "div_by_round")}  # hashes stay text
 
 
 class Diverged(Exception):
@@ -118,6 +118,8 @@ class FedArgs(DataArgs):
     """also cluster, print ARI and the collapse signal every N rounds (0 = only at the end)"""
     embed: typing.Literal["backbone", "head"] = "backbone"
     """cluster the 60-d backbone output, or the 128-d head output"""
+    bn_stats: typing.Literal["running", "recompute"] = "running"
+    """BatchNorm statistics of the global encoder when it embeds the cells: running = the clients' running statistics averaged by FedAvg (the paper); recompute = recomputed from the cells of every site (sites send per-feature sums; README: Beyond the paper)"""
     preprocess: typing.Literal["pooled", "federated"] = "pooled"
     """pooled: preprocess all cells together before the split (the paper); federated: split the raw counts first, then preprocess from per-site statistics only (the same result)"""
     evaluate: typing.Literal["pooled", "federated", "both"] = "pooled"
@@ -624,10 +626,49 @@ def collapsed(h, erank):
     return h.shape[1] > 2 and erank < COLLAPSE_ERANK
 
 
+def site_bn_moments(net, x, bn):
+    """SITE: (n, sum, sum of squares) per feature of what BatchNorm layer bn receives when the site's
+    cells go through net (eval mode): three vectors, no row per cell."""
+    seen = []
+    handle = bn.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].double()))
+    try:
+        net(x)
+    finally:
+        handle.remove()
+    a = seen[0]
+    return len(a), a.sum(0), (a * a).sum(0)
+
+
+def merge_bn_moments(parts):
+    """SERVER: the pooled mean and (biased, as BatchNorm's training mode uses) variance per feature."""
+    n = sum(p[0] for p in parts)
+    mean = sum(p[1] for p in parts) / n
+    return mean, (sum(p[2] for p in parts) / n - mean * mean).clamp_min(0)
+
+
 @torch.no_grad()
-def embed(args, model, X):
-    """All cells through the global online encoder (MoCo: encoder_q), eval mode, unmasked."""
+def recompute_bn(net, sites):
+    """--bn-stats recompute: FedAvg averages the clients' BatchNorm running statistics, and with
+    non-IID clients the average of per-client variances misses the variance between clients. Each
+    BatchNorm layer, in order, gets the mean and variance of its input over the cells of all sites
+    (sites send per-feature sums, SERVER merges them), so that in eval mode the encoder normalises
+    as it would in training mode on one batch of every cell."""
+    net.eval()
+    for bn in [m for m in net.modules() if isinstance(m, nn.BatchNorm1d)]:
+        mean, var = merge_bn_moments([site_bn_moments(net, x, bn) for x in sites])
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+
+
+@torch.no_grad()
+def embed(args, model, X, sites=None):
+    """All cells through the global online encoder (MoCo: encoder_q), eval mode, unmasked. With
+    --bn-stats recompute, a copy of the encoder first takes its BatchNorm statistics from sites
+    (a list of cell matrices, one per site; default: every cell as one site)."""
     enc = model["online"]
+    if getattr(args, "bn_stats", "running") == "recompute":
+        enc = copy.deepcopy(enc)
+        recompute_bn(enc, [torch.from_numpy(X)] if sites is None else [torch.from_numpy(s) for s in sites])
     enc.eval()
     h = (enc.f if args.embed == "backbone" else enc)(torch.from_numpy(X))
     enc.train()
@@ -835,14 +876,18 @@ def federated_metrics(h, data, seed):
 
 def finish(args, data, model=None, log=None, h=None):
     """Cluster the final global encoder's embedding (or a given one, h) and save the run."""
-    h = embed(args, model, data.X) if h is None else h
+    evaluate = getattr(args, "evaluate", "pooled")
+    sites = lambda: [data.X[idx] for idx in data.parts]  # --bn-stats recompute from the sites' cells only
+    if h is None:
+        h = embed(args, model, data.X, sites() if evaluate == "federated" else None)
     try:
-        if getattr(args, "evaluate", "pooled") == "federated":
+        if evaluate == "federated":
             metrics, pred = federated_metrics(h, data, args.seed)
         else:
             metrics, pred = cluster_metrics(h, data.y, data.n_clusters, args.seed)
-        if getattr(args, "evaluate", "pooled") == "both":
-            metrics |= {f"fed_{k}": v for k, v in federated_metrics(h, data, args.seed)[0].items()}
+        if evaluate == "both":
+            h_fed = h if model is None else embed(args, model, data.X, sites())
+            metrics |= {f"fed_{k}": v for k, v in federated_metrics(h_fed, data, args.seed)[0].items()}
     except Diverged:  # NaN weights after the last step: the row says so
         save_run(args, data, log, "diverged")
         raise
@@ -886,8 +931,13 @@ def save_run(args, data, log, status, metrics=None, h=None, pred=None):
                          data.X[idx], names, getattr(data, "genes", np.arange(data.X.shape[1])).astype(str), columns,
                          {f"X_{key}": h[idx].astype(np.float32)}, {f"{key}_config": json.dumps(vars(args))})
     metrics = metrics or {}
+    traces = {}  # per-round means of what the method logs per client (FedSC: mu and div), in the row
+    if log:
+        frame = pd.DataFrame(log)
+        for k in sorted(set(frame.columns) - {"round", "client", "lr", "loss"}):
+            traces[f"{k}_by_round"] = " ".join(f"{v:.4g}" for v in frame.groupby("round")[k].mean())
     hvg = None if data.hvg is None else hashlib.sha256(np.asarray(data.hvg, np.int64).tobytes()).hexdigest()[:12]
-    row = {**vars(args), **metrics, "genes_sha": hvg, "collapsed": h is not None and collapsed(h, metrics["erank"]), "status": status,
+    row = {**vars(args), **metrics, **traces, "genes_sha": hvg, "collapsed": h is not None and collapsed(h, metrics["erank"]), "status": status,
            "seconds": round(time.time() - data.t_start, 2), "torch": torch.__version__,
            "commit": git_commit(),
            "config_id": config_id(args), "run": os.path.basename(run_dir)}

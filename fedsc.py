@@ -29,10 +29,11 @@ class Args(common.FedArgs):
     # METHOD: divergence-aware download
     alpha: float = 0.7
     """target of the auto-scaler: mu_k = alpha at a client's first EMA download"""
-    mu_rule: typing.Literal["scaled", "literal", "relative"] = "scaled"
+    mu_rule: typing.Literal["scaled", "literal", "relative", "bounded"] = "scaled"
     """scaled: mu = min(lambda_k * d, 1), lambda_k = alpha / d at the first EMA (FedEMA);
     literal: the paper's Eq. 4, mu = min(alpha / d, 1); relative: mu = min(alpha * d / dbar_k, 1),
-    dbar_k the running mean of the client's earlier divergences (free of the lr's scale)"""
+    dbar_k the running mean of the client's earlier divergences (free of the lr's scale);
+    bounded: mu = alpha * min(d / dbar_k, 1), never above alpha (no feedback loop at mu = 1)"""
     method: str = dataclasses.field(default="FedSC", init=False)
 
     def __post_init__(self):
@@ -130,15 +131,18 @@ def decay_rate(d, state, args):
     so mu = alpha then and grows with the divergence after. 'literal': Eq. 4, min(alpha / d, 1).
     'relative': lambda_k = alpha / dbar_k re-estimated every round from the client's running mean
     divergence dbar_k (EMA 0.9), so mu = alpha at a typical divergence and more above it, whatever
-    the learning rate and its schedule do to the size of d."""
+    the learning rate and its schedule do to the size of d. It feeds back on itself: a client at
+    mu = 1 keeps its own model, so d grows, d / dbar_k stays high and mu stays at 1 (a run's d can
+    grow ~10% a round for 20 rounds). 'bounded' is 'relative' with mu capped at alpha: lower when
+    the client is closer to the global model than usual, never a client that ignores it."""
     if d == 0:  # local == global (e.g. a single client): the merge changes nothing
         return 1.0
     if args.mu_rule == "literal":
         return min(args.alpha / d, 1.0)
-    if args.mu_rule == "relative":
+    if args.mu_rule in ("relative", "bounded"):
         dbar = state.get("dbar", d)
         state["dbar"] = 0.9 * dbar + 0.1 * d
-        return min(args.alpha * d / dbar, 1.0)
+        return min(args.alpha * d / dbar, 1.0 if args.mu_rule == "relative" else args.alpha)
     state.setdefault("lam", args.alpha / d)
     return min(state["lam"] * d, 1.0)
 

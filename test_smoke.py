@@ -265,11 +265,13 @@ def test_server_receives_no_array_with_a_row_per_cell(tmp_path, monkeypatch):
             return out
         monkeypatch.setattr(mod, name, wrapped)
 
-    SITE = {"site_moments", "site_contingency", "site_scatter", "site_assign"}
-    SERVER = {"merge_moments", "hvg_from_moments", "merge_scatter", "scores_from_contingency", "rank_from_scatter"}
+    SITE = {"site_moments", "site_contingency", "site_scatter", "site_assign", "site_bn_moments"}
+    SERVER = {"merge_moments", "hvg_from_moments", "merge_scatter", "scores_from_contingency", "rank_from_scatter",
+              "merge_bn_moments"}
     for name in ("site_moments", "merge_moments", "hvg_from_moments"):
         spy(D, name)
-    for name in ("site_contingency", "site_scatter", "merge_scatter", "scores_from_contingency", "rank_from_scatter"):
+    for name in ("site_contingency", "site_scatter", "merge_scatter", "scores_from_contingency", "rank_from_scatter",
+                 "site_bn_moments", "merge_bn_moments"):
         spy(common, name)
     spy(common, "site_assign", send=lambda out: out[1])  # the labels stay on the site
     kth = D.federated_kth
@@ -286,7 +288,8 @@ def test_server_receives_no_array_with_a_row_per_cell(tmp_path, monkeypatch):
     upload = lambda client: (lambda out: (check("upload", out), out)[1])(fedsc.upload(client))
     aggregate = lambda uploads: (check("aggregate args", uploads), fedsc.aggregate(uploads))[1]
 
-    args = parse("fedsc", ["--sites", a, b, "--evaluate", "federated", "--out", str(tmp_path / "r.csv")] + TINY)
+    args = parse("fedsc", ["--sites", a, b, "--evaluate", "federated", "--bn-stats", "recompute",
+                           "--out", str(tmp_path / "r.csv")] + TINY)
     data = common.setup(args)
     model = fedsc.make_model(data.X.shape[1], args)
     log = common.federate(args, data, model, fedsc.download, fedsc.local_update, upload, aggregate)
@@ -294,12 +297,37 @@ def test_server_receives_no_array_with_a_row_per_cell(tmp_path, monkeypatch):
     assert np.isfinite(metrics["ari"]) and np.isfinite(metrics["sil_simplified"])
     for where in ("site_moments output", "merge_moments args", "count_at_most", "upload", "aggregate args",
                   "site_assign output", "site_contingency output", "scores_from_contingency args",
-                  "site_scatter output", "merge_scatter args"):
+                  "site_scatter output", "merge_scatter args", "site_bn_moments output", "merge_bn_moments args"):
         assert where in seen, f"the spy on {where} saw nothing"
     # and the check bites: a site's labels (one per cell) would be caught
     h = np.random.default_rng(0).normal(size=(70, 5))
     with pytest.raises(AssertionError, match="shape"):
         check("labels", common.site_assign(h, h[:4])[0])
+
+
+def test_bn_recompute_from_sites_equals_pooled_training_mode():
+    """--bn-stats recompute: BatchNorm statistics merged from per-site sums give, in eval mode, the
+    embedding of a training-mode pass over all the sites' cells as one batch (the pooled
+    computation), and differ from FedAvg's averaged running statistics on non-IID sites."""
+    torch.manual_seed(0)
+    fedsc = importlib.import_module("fedsc")
+    model = fedsc.make_model(30, parse("fedsc", ["--out", "unused.csv"]))
+    enc = model["online"]
+    for bn in (m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm1d)):  # some running stats
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    sites = [np.random.default_rng(k).normal(loc=3 * k, size=(40 + 25 * k, 30)).astype(np.float32) for k in range(3)]
+    X = np.concatenate(sites)
+    with torch.no_grad():
+        pooled = torch.nn.functional.normalize(copy.deepcopy(enc).train().f(torch.from_numpy(X)), dim=1)
+    args = parse("fedsc", ["--bn-stats", "recompute", "--out", "unused.csv"])
+    before = copy.deepcopy(enc.state_dict())
+    h = common.embed(args, model, X, sites)
+    assert np.allclose(h, pooled.double().numpy(), atol=1e-4)
+    assert not np.allclose(common.embed(parse("fedsc", ["--out", "unused.csv"]), model, X), h, atol=1e-2)
+    assert all(torch.equal(v, before[k]) for k, v in enc.state_dict().items())  # a copy was recalibrated
+    # pooled evaluation (sites=None) treats every cell as one site: the same statistics
+    assert np.allclose(common.embed(args, model, X), h, atol=1e-5)
 
 
 def test_split_by_batch_then_run_the_sites(tmp_path):
@@ -855,6 +883,14 @@ def test_fedsc_mu_trajectory_scaled_saturates_relative_does_not():
         want.append(min(0.7 * d / dbar, 1.0))
         dbar = 0.9 * dbar + 0.1 * d
     assert mus(growing, rel) == pytest.approx(want)
+    # compounding growth (a client at mu = 1 drifts away, d +10% a round): 'relative' sticks at 1,
+    # 'bounded' stays at alpha and equals 'relative' capped at alpha, also on the other trajectories
+    bounded = parse("fedsc", ["--mu-rule", "bounded"])
+    compounding = [0.5 * 1.1 ** t for t in range(40)]
+    assert mus(compounding, rel)[20:] == [1.0] * 20
+    assert mus(compounding, bounded)[20:] == pytest.approx([0.7] * 20)
+    for ds in (shrinking, growing, compounding, [1.0] * 10 + [3.0]):
+        assert mus(ds, bounded) == pytest.approx([min(m, 0.7) for m in mus(ds, rel)])
 
 
 def test_fedsc_mu_rule_and_ema_merge():

@@ -79,6 +79,9 @@ def make_args(run_config, n_sites):
     args.clients, args.preprocess, args.evaluate = n_sites, "federated", "federated"
     args.out = os.path.join(str(run_config["out-dir"]), "results.csv")
     common.check_args(args)
+    common.check(getattr(args, "bn_stats", "running") == "running",
+                 "--bn-stats recompute is not available in the Flower app; evaluate with --bn-stats running "
+                 "or run the method file with --sites")
     return mod, args
 
 
