@@ -79,11 +79,13 @@ TUNE_DATA = "10X_PBMC"
 TUNE_LRS = (0.1, 0.3, 1.0)
 TUNE_SCHEDULES = ((100, 1), (25, 5), (50, 5))  # (rounds, local epochs): at most 250 local epochs per client
 TUNE_SEEDS = (0,)
-# Fixed by design in the tuned recipe, not tuned: every method's evaluation recomputes the global
-# encoder's BatchNorm statistics from the sites (--bn-stats recompute), and FedSC takes the
-# download rule whose mu does not saturate with the lr's size (see the mu experiment).
-TUNE_FIXED = {label: {"bn_stats": "recompute", **({"mu_rule": "relative"} if label == "FedSC" else {})}
-              for label in ("FedSimCLR", "FedMoCoV1", "FedMoCoV2", "FedSimSiam", "FedBYOL", "FedSC")}
+# The grid's third axis, BatchNorm statistics at evaluation (running / recompute), costs no training:
+# each grid run trains once with --bn-stats recompute and its row also holds the scores of the same
+# encoder with FedAvg's running statistics (bn_running_*).
+TUNE_BN = ("running", "recompute")
+# Fixed by design in the tuned recipe, not tuned: FedSC takes the download rule whose mu does not
+# saturate with the lr's size (see the mu experiment).
+TUNE_FIXED = {"FedSC": {"mu_rule": "relative"}}
 MU_RULES = ("scaled", "literal", "relative", "bounded")
 MU_SCHEDULE = ["--rounds", "50", "--local-epochs", "5", "--bn-stats", "recompute"]  # the tuned recipes' length
 T1_DATASETS = DATASETS + ["baron_mouse_pancreas"]  # Baron: an out-of-sample check, no paper numbers
@@ -101,7 +103,13 @@ def flags(options):
 
 def tune_argv(label, extra, lr, r, e):
     return (["--data", TUNE_DATA] + extra + flags(TUNE_FIXED.get(label, {}))
-            + ["--lr", str(lr), "--rounds", str(r), "--local-epochs", str(e)])
+            + ["--lr", str(lr), "--rounds", str(r), "--local-epochs", str(e), "--bn-stats", "recompute"])
+
+
+def tune_score(rr, bn):
+    """Mean ARI of a grid point's rows with BatchNorm statistics bn (-inf when there is none)."""
+    col = "ari" if bn == "recompute" else "bn_running_ari"
+    return rr[col].mean() if len(rr) and col in rr and rr[col].notna().any() else -np.inf
 
 
 def plan(experiment, seeds):
@@ -317,7 +325,7 @@ def secs(r):
 
 def recipe_text(script, argv):
     a = resolved(script, argv + ["--seed", "0"])
-    return f"lr {a.lr:g}, {a.rounds} x {a.local_epochs}"
+    return f"lr {a.lr:g}, {a.rounds} x {a.local_epochs}" + (", BN recomputed" if getattr(a, "bn_stats", "") == "recompute" else "")
 
 
 def table1(df, seeds, overrides, missing):
@@ -343,38 +351,44 @@ def table1(df, seeds, overrides, missing):
 
 def tune_table(df, seeds, overrides, missing):
     configs = [(lr, r, e) for lr in TUNE_LRS for r, e in TUNE_SCHEDULES]
-    out = ["| method |" + "".join(f" lr {lr:g}, {r} x {e} |" for lr, r, e in configs) + " chosen |",
-           "|" + "---|" * (len(configs) + 2)]
+    out = ["| method | BatchNorm statistics |" + "".join(f" lr {lr:g}, {r} x {e} |" for lr, r, e in configs) + " chosen |",
+           "|" + "---|" * (len(configs) + 3)]
     for label, script, extra in FED:
-        vals = []
-        for lr, r, e in configs:
-            rr = rows_for(df, script, tune_argv(label, extra, lr, r, e), TUNE_SEEDS, overrides, missing)
-            vals.append((rr["ari"].mean() if len(rr) and "ari" in rr and rr["ari"].notna().any() else -np.inf, cell(rr, "ari")))
-        best = int(np.argmax([v for v, _ in vals]))
-        out.append(f"| {label} |" + "".join(f" **{c}** |" if i == best else f" {c} |" for i, (_, c) in enumerate(vals))
-                   + f" lr {configs[best][0]:g}, {configs[best][1]} x {configs[best][2]} |")
+        rows = [rows_for(df, script, tune_argv(label, extra, lr, r, e), TUNE_SEEDS, overrides, missing) for lr, r, e in configs]
+        scores = {bn: [tune_score(rr, bn) for rr in rows] for bn in TUNE_BN}
+        best_bn = max(TUNE_BN, key=lambda bn: max(scores[bn]))
+        best = int(np.argmax(scores[best_bn]))
+        lr, r, e = configs[best]
+        for bn in TUNE_BN:
+            cells = [f"{v:.2f}" if np.isfinite(v) else "–" for v in scores[bn]]
+            cells = [f"**{c}**" if bn == best_bn and i == best else c for i, c in enumerate(cells)]
+            chosen = f"lr {lr:g}, {r} x {e}, {best_bn}" if bn == TUNE_BN[0] else ""
+            out.append(f"| {label if bn == TUNE_BN[0] else ''} | {bn} |" + "".join(f" {c} |" for c in cells) + f" {chosen} |")
     return "\n".join(out)
 
 
 def write_recipes(df, seeds):
-    """recipes.json: for each method, the grid point with the best mean ARI on 10X PBMC."""
+    """recipes.json: for each method, the grid point (lr, rounds x epochs, BatchNorm statistics)
+    with the best mean ARI on 10X PBMC."""
     chosen, missing = {}, Missing()
     for label, script, extra in FED:
         best = None
         for lr in TUNE_LRS:
             for r, e in TUNE_SCHEDULES:
                 rr = rows_for(df, script, tune_argv(label, extra, lr, r, e), TUNE_SEEDS, [], missing)
-                score = rr["ari"].mean() if len(rr) and "ari" in rr and rr["ari"].notna().any() else -np.inf
-                if best is None or score > best[0]:
-                    best = (score, dict(lr=lr, rounds=r, local_epochs=e, **TUNE_FIXED.get(label, {})))
+                for bn in TUNE_BN:
+                    score = tune_score(rr, bn)
+                    if best is None or score > best[0]:
+                        best = (score, dict(lr=lr, rounds=r, local_epochs=e, bn_stats=bn, **TUNE_FIXED.get(label, {})))
         chosen[label] = best[1]
     if missing:
         print(f"tune is incomplete ({len(missing)} runs missing): recipes.json not written", flush=True)
         return
-    doc = {"rule": f"for each method, the (lr, rounds, local epochs) of the grid with the best mean ARI on "
-                   f"{TUNE_DATA} over seeds {list(TUNE_SEEDS)}; fixed by design, not tuned: {TUNE_FIXED}; "
+    doc = {"rule": f"for each method, the (lr, rounds, local epochs, BatchNorm statistics) of the grid with the best "
+                   f"mean ARI on {TUNE_DATA} over seeds {list(TUNE_SEEDS)}; fixed by design, not tuned: {TUNE_FIXED}; "
                    f"every other setting is the paper's",
-           "grid": {"lr": list(TUNE_LRS), "rounds x local_epochs": [list(x) for x in TUNE_SCHEDULES]},
+           "grid": {"lr": list(TUNE_LRS), "rounds x local_epochs": [list(x) for x in TUNE_SCHEDULES],
+                    "bn_stats": list(TUNE_BN)},
            "recipes": chosen}
     D.write_atomic(common.RECIPES, lambda tmp: json.dump(doc, open(tmp, "w"), indent=1))
     print(f"wrote {common.RECIPES}: {chosen}", flush=True)

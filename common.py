@@ -888,6 +888,13 @@ def finish(args, data, model=None, log=None, h=None):
         if evaluate == "both":
             h_fed = h if model is None else embed(args, model, data.X, sites())
             metrics |= {f"fed_{k}": v for k, v in federated_metrics(h_fed, data, args.seed)[0].items()}
+        if getattr(args, "bn_stats", "running") == "recompute" and model is not None and evaluate != "federated":
+            # the same encoder with FedAvg's running statistics, as bn_running_* columns: the tuning
+            # grid compares both BatchNorm choices without training twice
+            plain = copy.copy(args)
+            plain.bn_stats = "running"
+            m, _ = cluster_metrics(embed(plain, model, data.X), data.y, data.n_clusters, args.seed)
+            metrics |= {f"bn_running_{k}": m[k] for k in ("ari", "nmi", "sil") if k in m}
     except Diverged:  # NaN weights after the last step: the row says so
         save_run(args, data, log, "diverged")
         raise

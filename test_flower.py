@@ -37,9 +37,11 @@ def spied(self, action, *a, **k):  # every array that reaches the server, and it
     seen.extend([action, key, list(v.shape)] for r in replies if "arrays" in r for key, v in records.unpack(r["arrays"]).items())
     return replies
 server_app.Sites.ask = spied
-for method, extra in [("fedsc", ""), ("fedmoco", " --version 2"), ("fedbyol", ""), ("fedsimclr", ""), ("fedsimsiam", "")]:
+for name, method, extra in [("fedsc", "fedsc", ""), ("fedmoco", "fedmoco", " --version 2"), ("fedbyol", "fedbyol", ""),
+                            ("fedsimclr", "fedsimclr", ""), ("fedsimsiam", "fedsimsiam", ""),
+                            ("fedsc_bn", "fedsc", " --bn-stats recompute")]:
     run_simulation(server_app=server_app.make_app({"method": method, "rounds": 2, "data": sys.argv[1], "seed": 3,
-                                                  "out-dir": sys.argv[2] + "/" + method, "args": sys.argv[3] + extra}),
+                                                  "out-dir": sys.argv[2] + "/" + name, "args": sys.argv[3] + extra}),
                    client_app=client_app.app, num_supernodes=2,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0},
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})
@@ -91,13 +93,14 @@ def simulated(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,extra", [("fedsc", []), ("fedmoco", ["--version", "2"]), ("fedbyol", []), ("fedsimclr", []),
-                                        ("fedsimsiam", [])])
+                                        ("fedsimsiam", []), ("fedsc_bn", ["--bn-stats", "recompute"])])
 def test_simulation_gives_the_in_process_weights_bit_for_bit(name, extra, simulated, tmp_path):
     """The same seed, data and partition through common.federate (--preprocess federated --evaluate
     federated) and through Flower: the same global weights (torch.equal on every tensor), the same
-    preprocessed cells on every site, the same federated metrics."""
+    preprocessed cells on every site, the same federated metrics (fedsc_bn: with the BatchNorm
+    statistics recomputed from the sites, by messages in Flower)."""
     path, tmp, log = simulated
-    mod = importlib.import_module(name)
+    mod = importlib.import_module(name.split("_")[0])
     args = parse(name, ["--data", path, "--clients", "2", "--rounds", "2", "--seed", "3", "--preprocess", "federated",
                         "--evaluate", "federated", "--out", str(tmp_path / "r.csv")] + TINY.split() + extra)
     data = common.setup(args)
@@ -118,7 +121,12 @@ def test_simulation_gives_the_in_process_weights_bit_for_bit(name, extra, simula
         assert np.array_equal(ad.X, data.X[idx])
         assert list(ad.obs_names) == [str(c) for c in data.cells[idx]]
     # the federated KMeans and metrics from messages equal common.federated_metrics on the same encoder
-    expected, _ = common.federated_metrics(common.embed(args, model, data.X), data, args.seed)
+    expected, _ = common.federated_metrics(common.embed(args, model, data.X, [data.X[idx] for idx in data.parts]),
+                                           data, args.seed)
+    if name == "fedsc_bn":  # and the recomputed statistics change the result
+        plain, _ = common.federated_metrics(common.embed(parse(name.split("_")[0], ["--out", "unused.csv"]), model, data.X),
+                                            data, args.seed)
+        assert plain["erank"] != pytest.approx(expected["erank"], rel=1e-6)
     got = json.load(open(os.path.join(folder, "result.json")))
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
@@ -134,13 +142,13 @@ def test_the_server_receives_no_array_with_a_row_per_cell(simulated):
     per_cell = {len(p) for p in data.parts} | {len(data.X)}
     seen = json.load(open(os.path.join(tmp, "seen.json")))
     actions = {a for a, _, _ in seen}
-    assert {"totals", "moments", "log_moments", "train", "embed", "assign", "finish"} <= actions
+    assert {"totals", "moments", "log_moments", "train", "bn_moments", "embed", "assign", "finish"} <= actions
     assert not [s for s in seen if per_cell & set(s[2])], "an array with a row per cell reached the server"
     assert per_cell & {146, 154}  # the sites' sizes, which no gene, layer or cluster count equals
 
 
 def test_a_site_error_stops_the_run_with_one_line_naming_the_site(tmp_path):
-    p = subprocess.run([sys.executable, "-c", SIMULATE.split("for method")[0] + """
+    p = subprocess.run([sys.executable, "-c", SIMULATE.split("for name, method")[0] + """
 run_simulation(server_app=server_app.make_app({"rounds": 1, "data": sys.argv[1], "out-dir": sys.argv[2]}),
                client_app=client_app.app, num_supernodes=2,
                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}, "init_args": {"num_cpus": 2}})

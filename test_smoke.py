@@ -330,6 +330,30 @@ def test_bn_recompute_from_sites_equals_pooled_training_mode():
     assert np.allclose(common.embed(args, model, X), h, atol=1e-5)
 
 
+def test_bn_recompute_row_also_scores_the_running_statistics(synth, tmp_path):
+    """A --bn-stats recompute run's row holds its scores and, as bn_running_*, those of the same
+    encoder with FedAvg's running statistics (what the tuning grid's BatchNorm axis compares);
+    benchmark.tune_score reads the one asked for."""
+    import benchmark
+    fedsc = importlib.import_module("fedsc")
+    out = str(tmp_path / "r.csv")
+    args = parse("fedsc", ["--data", synth, "--clients", "2", "--bn-stats", "recompute", "--out", out] + TINY)
+    data = common.setup(args)
+    model = fedsc.make_model(data.X.shape[1], args)
+    log = common.federate(args, data, model, fedsc.download, fedsc.local_update, fedsc.upload, fedsc.aggregate)
+    common.finish(args, data, model, log)
+    r = rows(out).iloc[0]
+    plain = parse("fedsc", ["--data", synth, "--out", out])
+    running, _ = common.cluster_metrics(common.embed(plain, model, data.X), data.y, data.n_clusters, args.seed)
+    recomputed, _ = common.cluster_metrics(common.embed(args, model, data.X), data.y, data.n_clusters, args.seed)
+    assert r["bn_running_ari"] == pytest.approx(running["ari"]) and r["bn_running_sil"] == pytest.approx(running["sil"])
+    assert r["ari"] == pytest.approx(recomputed["ari"]) and r["sil"] == pytest.approx(recomputed["sil"])
+    assert r["sil"] != pytest.approx(r["bn_running_sil"])
+    frame = pd.DataFrame({"ari": [40.0, 50.0], "bn_running_ari": [60.0, 30.0]})
+    assert benchmark.tune_score(frame, "recompute") == 45.0 and benchmark.tune_score(frame, "running") == 45.0
+    assert benchmark.tune_score(frame.iloc[:0], "running") == -np.inf
+
+
 def test_split_by_batch_then_run_the_sites(tmp_path):
     X, y = D.synthetic_counts(n_cells=120, n_genes=50, n_types=3, seed=12)
     batch = np.where(np.arange(120) < 50, "mouse1", "mouse2")

@@ -7,6 +7,7 @@ A ClientApp object is made anew for every message: everything a site keeps betwe
 (its preprocessed cells, library sizes, its model incl. the target / key encoder, the method's
 client.state such as FedSC's lambda or MoCo's queue, its torch.Generator, its embedding and
 KMeans labels) lives in context.state, which never leaves the SuperNode."""
+import copy
 import os
 
 import numpy as np
@@ -252,6 +253,26 @@ def train(site, msg):
 # ---------------------------------------------------------------------------------------------
 # Evaluation: common.federated_metrics' SITE steps, one message each
 # ---------------------------------------------------------------------------------------------
+def _model(site, x, arrays):
+    """The method's model with the server's weights loaded (built without touching the torch RNG)."""
+    import torch
+    with torch.random.fork_rng():
+        model = site.mod.make_model(x.shape[1], site.args)
+    for key, state in unpack_state(arrays).items():
+        model[key].load_state_dict(state)
+    return model
+
+
+@_step("bn_moments")
+def bn_moments(site, msg):
+    """SITE: common.site_bn_moments of one BatchNorm layer of the online encoder on its cells."""
+    import torch
+    x = unpack(site.state["fedsc.cells"])["x"]
+    online = _model(site, x, msg.content["arrays"])["online"].eval()
+    n, s, ss = site.common.site_bn_moments(online, torch.from_numpy(x), dict(online.named_modules())[site.cfg["layer"]])
+    return _reply(msg, reply=config(n=n), arrays=pack({"sum": s.numpy(), "sumsq": ss.numpy()}))
+
+
 @_step("embed")
 def embed(site, msg):
     """SITE: embeds its own cells with the final global encoder (kept here); sends its local KMeans
@@ -259,11 +280,10 @@ def embed(site, msg):
     import torch
     from sklearn.cluster import KMeans
     cells = unpack(site.state["fedsc.cells"])
-    with torch.random.fork_rng():
-        model = site.mod.make_model(cells["x"].shape[1], site.args)
-    for key, state in unpack_state(msg.content["arrays"]).items():
-        model[key].load_state_dict(state)
-    h = site.common.embed(site.args, model, cells["x"])
+    model = _model(site, cells["x"], msg.content["arrays"])
+    args = copy.copy(site.args)
+    args.bn_stats = "running"  # with --bn-stats recompute the server has already put the sites' statistics in
+    h = site.common.embed(args, model, cells["x"])
     if not np.isfinite(h).all():
         raise site.common.Diverged("the embedding holds NaN or inf values; try a smaller --lr")
     k = int(site.cfg["k"])

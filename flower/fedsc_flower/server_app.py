@@ -79,9 +79,6 @@ def make_args(run_config, n_sites):
     args.clients, args.preprocess, args.evaluate = n_sites, "federated", "federated"
     args.out = os.path.join(str(run_config["out-dir"]), "results.csv")
     common.check_args(args)
-    common.check(getattr(args, "bn_stats", "running") == "running",
-                 "--bn-stats recompute is not available in the Flower app; evaluate with --bn-stats running "
-                 "or run the method file with --sites")
     return mod, args
 
 
@@ -195,8 +192,28 @@ def preprocess(sites, args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation: common.federated_kmeans / federated_lloyd / federated_metrics' SERVER steps
+# Evaluation: common.recompute_bn, federated_kmeans / federated_lloyd / federated_metrics' SERVER steps
 # ---------------------------------------------------------------------------------------------
+def recompute_bn(sites, mod, n_genes, args, global_state):
+    """--bn-stats recompute (common.recompute_bn): for each BatchNorm layer of the online encoder, in
+    order, the sites send per-feature (n, sum, sum of squares) of its input under the encoder as
+    recomputed so far; the server merges them into the layer's running mean and variance."""
+    import torch
+    import common
+    with torch.random.fork_rng():
+        online = mod.make_model(n_genes, args)["online"]
+    state = {k: v.clone() for k, v in global_state["online"].items()}
+    for name, m in online.named_modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            replies = sites.ask("bn_moments", arrays=pack_state({"online": state}), layer=name)
+            parts = [(int(r["reply"]["n"]), torch.from_numpy(p["sum"]), torch.from_numpy(p["sumsq"]))
+                     for r in replies for p in [unpack(r["arrays"])]]
+            mean, var = common.merge_bn_moments(parts)
+            state[f"{name}.running_mean"] = mean.to(state[f"{name}.running_mean"].dtype)
+            state[f"{name}.running_var"] = var.to(state[f"{name}.running_var"].dtype)
+    return {**global_state, "online": state}
+
+
 def evaluate(sites, args, global_state, k, label_names, run):
     """KMeans from per-cluster sums and counts (the N_INIT restarts' Lloyd iterations in lockstep, so
     one message serves every restart still running), ARI/NMI from the summed contingency table,
@@ -297,6 +314,8 @@ def run(grid, run_config):
     name = os.path.basename(folder)
     metrics, files = {}, []
     if run_config["evaluate"]:
+        if getattr(args, "bn_stats", "running") == "recompute":
+            global_state = recompute_bn(sites, mod, n_genes, args, global_state)
         metrics, files = evaluate(sites, args, global_state, k, label_names, name)
         print("final  " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f"  time {time.time() - t_start:.1f}s", flush=True)
     import pandas as pd
