@@ -260,7 +260,7 @@ def run_all(exp, todo, jobs, results):
                 ok = proc.returncode in (0, 3)  # 3: training diverged, the row says so
                 failed += not ok
                 tail = open(log).read().strip().splitlines()[-3:]
-                ari = next((m.group(1) for l in tail for m in [re.search(r"final .*ari ([-\d.]+)", l)] if m), "-")
+                ari = next((m.group(1) for l in tail for m in [re.search(r"final .*?  ari ([-\d.]+)", l)] if m), "-")
                 status = (f"ARI {ari}" if proc.returncode == 0 else "diverged" if ok
                           else f"FAILED (exit {proc.returncode}, see {log})")
                 left = (time.time() - t0) / len(done) * (len(todo) - len(done)) / 60

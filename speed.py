@@ -106,6 +106,50 @@ def first_layer_variants(n_genes, batch=128, p=0.9, seconds=1.0):
     return out
 
 
+def step_variants(n_genes, n_cells=1068, epochs=2, repeats=3):
+    """ms per local step of FedSC (the paper's batch 128, one thread) done as fedsc.local_update does
+    it, and with two of the issue's candidates that keep the method: both views through each network
+    in one forward pass (BatchNorm then normalises over both views at once: a different method
+    detail, so a named choice, not adopted) and the target EMA as one foreach call instead of a loop
+    over parameters (the same numbers). The best of `repeats` timings of `epochs` epochs each."""
+    import copy
+    torch.set_num_threads(1)
+    args = common.parse_args(fedsc.Args, ["--local-epochs", str(epochs), "--out", os.path.join(ROOT, "runs", "speed.csv")])
+    torch.manual_seed(0)
+    model0, x = fedsc.make_model(n_genes, args), torch.randn(n_cells, n_genes)
+
+    def joint_loss(model, v1, v2, args):  # one forward pass over both views per network
+        p = model["predictor"](model["online"](torch.cat([v1, v2])))
+        with torch.no_grad():
+            z = model["target"](torch.cat([v1, v2]))
+        b = len(v1)
+        return (fedsc.byol_loss(p[:b], z[b:]) + fedsc.byol_loss(p[b:], z[:b])).mean()
+
+    def foreach_ema(target, online, tau):
+        with torch.no_grad():
+            torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - tau)
+
+    variants = {"as fedsc.local_update": {}, "both views in one forward pass": {"loss_fn": joint_loss},
+                "target EMA as one foreach call": {"ema_": foreach_ema}}
+    steps = epochs * (n_cells // args.batch_size)
+    best = {name: float("inf") for name in variants}
+    fedsc.local_update(common.Client(0, x, copy.deepcopy(model0), torch.Generator().manual_seed(0)), 0.01, args)  # warm-up
+    for _ in range(repeats):  # interleaved, so every variant sees the same machine
+        for name, patch in variants.items():
+            saved = {k: getattr(fedsc if k == "loss_fn" else common, k) for k in patch}
+            for k, f in patch.items():
+                setattr(fedsc if k == "loss_fn" else common, k, f)
+            try:
+                client = common.Client(0, x, copy.deepcopy(model0), torch.Generator().manual_seed(0))
+                t0 = time.perf_counter()
+                fedsc.local_update(client, 0.01, args)
+                best[name] = min(best[name], 1e3 * (time.perf_counter() - t0) / steps)
+            finally:
+                for k, f in saved.items():
+                    setattr(fedsc if k == "loss_fn" else common, k, f)
+    return best
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=20)
@@ -121,6 +165,7 @@ def main():
     flops = round_flops(args1, data)
     rate1, rate2 = gemm_rate(1), gemm_rate(2)
     layer = first_layer_variants(data.X.shape[1])
+    step = step_variants(data.X.shape[1])
     tuned = common.tuned_recipe("FedSC") if os.path.exists(common.RECIPES) else None
     from torch.profiler import profile, ProfilerActivity
     prof_args, _ = fedsc_setup(max(2, a.rounds // 4), 1)
@@ -143,7 +188,9 @@ def main():
         f"| GEMM bound per round, 1 / 2 threads | {flops / rate1 / 1e9:.3f} s / {flops / rate2 / 1e9:.3f} s |",
         f"| round time / bound, `--threads 1` / `--threads 2` | {one / (flops / rate1 / 1e9):.2f} / {two / (flops / rate2 / 1e9):.2f} |",
         f"| share of a one-thread round in matrix multiplies (profiled) | {100 * mm / one:.0f}% |",
-    ] + [f"| first layer on a masked view (fwd + weight grad), {name} | {ms:.3f} ms |" for name, ms in layer.items()]
+    ] + [f"| first layer on a masked view (fwd + weight grad), {name} | {ms:.3f} ms |" for name, ms in layer.items()] + [
+        f"| one local step (batch 128, one thread), {name} | {ms:.2f} ms ({ms / step['as fedsc.local_update']:.2f}x) |"
+        for name, ms in step.items()]
     if tuned:
         r, e = tuned["rounds"], tuned["local_epochs"]
         summary.append(f"| projected `--recipe tuned` run ({r} rounds x {e} local epochs), `--threads 1` / `--threads 2` | "

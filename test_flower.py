@@ -87,7 +87,7 @@ def simulated(tmp_path_factory):
     X, y = D.synthetic_counts(n_cells=300, n_genes=200, n_types=4, seed=0)
     path = write_h5(tmp / "synth.h5", X, y + 1)
     p = subprocess.run([sys.executable, "-c", SIMULATE, path, str(tmp), TINY], cwd=ROOT, capture_output=True, text=True,
-                       env=localhost.flower_env(tmp / "home"), timeout=900)
+                       env=localhost.flower_env(tmp / "home"), timeout=1800)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return path, tmp, p.stdout
 
