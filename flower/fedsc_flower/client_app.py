@@ -269,7 +269,8 @@ def bn_moments(site, msg):
     import torch
     x = unpack(site.state["fedsc.cells"])["x"]
     online = _model(site, x, msg.content["arrays"])["online"].eval()
-    n, s, ss = site.common.site_bn_moments(online, torch.from_numpy(x), dict(online.named_modules())[site.cfg["layer"]])
+    with torch.no_grad():
+        n, s, ss = site.common.site_bn_moments(online, torch.from_numpy(x), dict(online.named_modules())[site.cfg["layer"]])
     return _reply(msg, reply=config(n=n), arrays=pack({"sum": s.numpy(), "sumsq": ss.numpy()}))
 
 

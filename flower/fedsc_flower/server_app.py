@@ -314,9 +314,10 @@ def run(grid, run_config):
     name = os.path.basename(folder)
     metrics, files = {}, []
     if run_config["evaluate"]:
+        state = global_state  # global.pt keeps the trained weights; evaluation may use other BN statistics
         if getattr(args, "bn_stats", "running") == "recompute":
-            global_state = recompute_bn(sites, mod, n_genes, args, global_state)
-        metrics, files = evaluate(sites, args, global_state, k, label_names, name)
+            state = recompute_bn(sites, mod, n_genes, args, global_state)
+        metrics, files = evaluate(sites, args, state, k, label_names, name)
         print("final  " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f"  time {time.time() - t_start:.1f}s", flush=True)
     import pandas as pd
     D.write_atomic(os.path.join(folder, "global.pt"), lambda tmp: torch.save(global_state, tmp))
