@@ -203,15 +203,15 @@ def full_argv(exp, script, argv, seed, results, overrides):
             + applicable(script, overrides))
 
 
-def execute(experiments, seeds, jobs, results, overrides, match=""):
-    """Run what has no row yet, jobs at a time (only the runs whose command contains `match`, when
-    given). Ctrl-C stops the runs under way and says what finished; their rows are not written (a
+def execute(experiments, seeds, jobs, results, overrides, match=()):
+    """Run what has no row yet, jobs at a time (only the runs whose command contains every text in
+    `match`, when given). Ctrl-C stops the runs under way and says what finished; their rows are not written (a
     row is the last thing a run writes)."""
     failed = 0
     for exp in experiments:
         df, todo, seen, skipped = all_rows(results, [exp]), [], set(), 0  # its own rows: its table uses them
         for label, script, argv, seed in plan(exp, seeds):
-            if match not in " ".join([script] + argv):
+            if not all(m in " ".join([script] + argv) for m in match):
                 continue
             full = full_argv(exp, script, argv, seed, results, overrides)
             args = resolved(script, full)
@@ -588,8 +588,9 @@ def main():
                         "(tables printed, nothing published)")
     p.add_argument("--results", default=os.path.join(ROOT, "results"))
     p.add_argument("--tables-only", action="store_true", help="only rebuild the tables (and the README)")
-    p.add_argument("--match", default="", help="run only the runs whose command contains this text, e.g. "
-                                               "'--recipe tuned' or 'fedsc.py' (tables are built from all rows)")
+    p.add_argument("--match", action="append", default=[],
+                   help="run only the runs whose command contains this text, e.g. '--recipe tuned' or 'fedsc.py'; "
+                        "repeated, every text must occur (tables are built from all rows)")
     a = p.parse_args()
     if a.jobs < 1:
         p.error(f"--jobs must be at least 1, got {a.jobs}")

@@ -1200,6 +1200,11 @@ def test_benchmark_reruns_only_rows_whose_code_changed(synth, tmp_path, monkeypa
     got = benchmark.rows_for(benchmark.all_rows(res), "fedsimclr.py", ["--data", synth, "--clients", "2",
                              "--types-per-client", "2"] + TINY, [0, 1], [], benchmark.Missing())
     assert len(got) == 2 and set(got["code"]) == {common.code_hash(str(repo / "fedsimclr.py"))}
+    # --match: only the runs whose command holds every text given
+    assert benchmark.execute(["table3"], [2], 2, res, [], match=["fedsimsiam.py", "--types-per-client 2"]) == 0
+    assert "table3: 1 runs to do, 0 already have a row" in capsys.readouterr().out
+    assert benchmark.execute(["table3"], [2], 2, res, [], match=["fedsimclr.py", "--recipe tuned"]) == 0
+    assert "table3: 0 runs to do, 0 already have a row" in capsys.readouterr().out
 
 
 def test_partial_tables_are_printed_not_published(synth, tmp_path, monkeypatch):
