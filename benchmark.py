@@ -463,7 +463,7 @@ def fig3_table(df, seeds, overrides, missing):
 
 
 TITLES = {"tune": "Tuning grid: ARI on 10X PBMC (seed 0); the best per method (bold) is its tuned recipe",
-          "mu": "FedSC's download rule: ARI and mu over the rounds (10X PBMC, seed 0)",
+          "mu": "FedSC's download rule: ARI and mu over the rounds (10X PBMC, 50 rounds x 5 local epochs, BN statistics recomputed; mean ± std over the seeds; mu means over the clients and seeds)",
           "federated": "Nothing but aggregates leaves a site: pooled vs federated preprocessing and evaluation "
                        "(tuned recipe, mean ± std over seeds)",
           "table1": "Table 1: every method with the paper's and the tuned recipe, and centralized references "
