@@ -100,8 +100,9 @@ def test_simulation_gives_the_in_process_weights_bit_for_bit(name, extra, simula
     preprocessed cells on every site, the same federated metrics (fedsc_bn: with the BatchNorm
     statistics recomputed from the sites, by messages in Flower)."""
     path, tmp, log = simulated
-    mod = importlib.import_module(name.split("_")[0])
-    args = parse(name, ["--data", path, "--clients", "2", "--rounds", "2", "--seed", "3", "--preprocess", "federated",
+    script = name.split("_")[0]  # fedsc_bn: fedsc.py with --bn-stats recompute
+    mod = importlib.import_module(script)
+    args = parse(script, ["--data", path, "--clients", "2", "--rounds", "2", "--seed", "3", "--preprocess", "federated",
                         "--evaluate", "federated", "--out", str(tmp_path / "r.csv")] + TINY.split() + extra)
     data = common.setup(args)
     model = mod.make_model(data.X.shape[1], args)
@@ -124,7 +125,7 @@ def test_simulation_gives_the_in_process_weights_bit_for_bit(name, extra, simula
     expected, _ = common.federated_metrics(common.embed(args, model, data.X, [data.X[idx] for idx in data.parts]),
                                            data, args.seed)
     if name == "fedsc_bn":  # and the recomputed statistics change the result
-        plain, _ = common.federated_metrics(common.embed(parse(name.split("_")[0], ["--out", "unused.csv"]), model, data.X),
+        plain, _ = common.federated_metrics(common.embed(parse(script, ["--out", "unused.csv"]), model, data.X),
                                             data, args.seed)
         assert plain["erank"] != pytest.approx(expected["erank"], rel=1e-6)
     got = json.load(open(os.path.join(folder, "result.json")))
