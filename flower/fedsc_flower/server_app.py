@@ -194,23 +194,22 @@ def preprocess(sites, args):
 # ---------------------------------------------------------------------------------------------
 # Evaluation: common.recompute_bn, federated_kmeans / federated_lloyd / federated_metrics' SERVER steps
 # ---------------------------------------------------------------------------------------------
-def recompute_bn(sites, mod, n_genes, args, global_state):
+def recompute_bn(sites, global_state):
     """--bn-stats recompute (common.recompute_bn): for each BatchNorm layer of the online encoder, in
     order, the sites send per-feature (n, sum, sum of squares) of its input under the encoder as
-    recomputed so far; the server merges them into the layer's running mean and variance."""
+    recomputed so far; the server merges them into the layer's running mean and variance. The
+    layers are read off the state's keys (a BatchNorm layer is what has a running mean), in the
+    order the encoder's modules were registered, which is the order of its forward pass."""
     import torch
     import common
-    with torch.random.fork_rng():
-        online = mod.make_model(n_genes, args)["online"]
     state = {k: v.clone() for k, v in global_state["online"].items()}
-    for name, m in online.named_modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
-            replies = sites.ask("bn_moments", arrays=pack_state({"online": state}), layer=name)
-            parts = [(int(r["reply"]["n"]), torch.from_numpy(p["sum"]), torch.from_numpy(p["sumsq"]))
-                     for r in replies for p in [unpack(r["arrays"])]]
-            mean, var = common.merge_bn_moments(parts)
-            state[f"{name}.running_mean"] = mean.to(state[f"{name}.running_mean"].dtype)
-            state[f"{name}.running_var"] = var.to(state[f"{name}.running_var"].dtype)
+    for name in [k[: -len(".running_mean")] for k in state if k.endswith(".running_mean")]:
+        replies = sites.ask("bn_moments", arrays=pack_state({"online": state}), layer=name)
+        parts = [(int(r["reply"]["n"]), torch.from_numpy(p["sum"]), torch.from_numpy(p["sumsq"]))
+                 for r in replies for p in [unpack(r["arrays"])]]
+        mean, var = common.merge_bn_moments(parts)
+        state[f"{name}.running_mean"] = mean.to(state[f"{name}.running_mean"].dtype)
+        state[f"{name}.running_var"] = var.to(state[f"{name}.running_var"].dtype)
     return {**global_state, "online": state}
 
 
@@ -316,7 +315,7 @@ def run(grid, run_config):
     if run_config["evaluate"]:
         state = global_state  # global.pt keeps the trained weights; evaluation may use other BN statistics
         if getattr(args, "bn_stats", "running") == "recompute":
-            state = recompute_bn(sites, mod, n_genes, args, global_state)
+            state = recompute_bn(sites, global_state)
         metrics, files = evaluate(sites, args, state, k, label_names, name)
         print("final  " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f"  time {time.time() - t_start:.1f}s", flush=True)
     import pandas as pd
