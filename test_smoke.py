@@ -1222,6 +1222,32 @@ def test_partial_tables_are_printed_not_published(synth, tmp_path, monkeypatch):
     assert f"`{common.git_commit()}`" in done["table3"][1]  # provenance names the rows' commit
 
 
+def test_table1_is_published_with_only_its_paper_rows_pending(synth, tmp_path, monkeypatch):
+    """Table 1 may go out while runs with --recipe paper are missing (shown as pending, counted in
+    the note); any other missing run, or another experiment with missing runs, keeps it out."""
+    import benchmark
+    res = str(tmp_path / "results")
+    quick = ["--data", synth, "--clients", "2", "--types-per-client", "2"] + TINY
+    tuned, paper = quick + ["--lr", "0.1"], quick + ["--recipe", "paper"]
+    monkeypatch.setattr(benchmark, "plan", lambda exp, seeds: [
+        ("FedSC", "fedsc.py", argv, s) for argv in (tuned, paper) for s in seeds])
+
+    def build(exp, df, seeds, overrides, results):
+        missing = benchmark.Missing()
+        for argv in (tuned, paper):
+            benchmark.rows_for(df, "fedsc.py", argv, seeds, [], missing)
+        return "table", missing
+    monkeypatch.setattr(benchmark, "build", build)
+    assert benchmark.execute(["table1"], [0], 1, res, [], match=["--lr 0.1"]) == 0
+    assert len(pd.read_csv(os.path.join(res, "table1.csv"))) == 1  # the paper run was not run
+    done = benchmark.write_tables(["table1"], [0], res, [], publish=True)
+    assert "table1" in done and "Pending: 1 runs with `--recipe paper`" in done["table1"][1]
+    assert os.path.exists(os.path.join(res, "table1.md"))
+    assert benchmark.write_tables(["table1"], [0, 1], res, [], publish=False) == {}  # a tuned seed is missing
+    os.rename(os.path.join(res, "table1.csv"), os.path.join(res, "table3.csv"))
+    assert benchmark.write_tables(["table3"], [0], res, [], publish=False) == {}  # table3 has no pending rows
+
+
 @pytest.mark.skipif(not os.path.exists(BLADDER), reason="real bladder file not available")
 def test_ctrl_c_stops_the_benchmark_and_its_runs(tmp_path):
     res = str(tmp_path / "results")
