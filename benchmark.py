@@ -9,8 +9,10 @@ one subprocess of a method file (one torch thread); its row lands in results/<ex
 when it finishes. A row is reused (the run skipped) only when every argument, the data file's
 sha256 and the hash of the code that produced it (the script and the modules it imports) match,
 so an edited method file re-runs its own rows and an interrupted benchmark resumes where it
-stopped. Tables are built only from these experiment CSVs (never from ad-hoc runs), and the
-README only when every row has its full seed set. run_all.sh is the front door.
+stopped. Tables are built only from these experiment CSVs (never from ad-hoc runs), and go to
+results/<experiment>.md and the README only when every row has its full seed set; the one exception,
+Table 1's paper-recipe rows (PENDING), read "pending" beside complete tuned and centralized rows.
+run_all.sh is the front door.
 """
 import argparse
 import importlib
@@ -114,8 +116,11 @@ def tune_argv(label, extra, lr, r, e):
 
 
 def tune_score(rr, bn):
-    """Mean ARI of a grid point's rows with BatchNorm statistics bn (-inf when there is none)."""
+    """Mean ARI of a grid point's rows with BatchNorm statistics bn; -inf when there is none or when
+    a seed diverged (a recipe that diverges on some seed is not chosen on the others' mean)."""
     col = "ari" if bn == "recompute" else "bn_running_ari"
+    if "status" in rr and (rr["status"] == "diverged").any():
+        return -np.inf
     return rr[col].mean() if len(rr) and col in rr and rr[col].notna().any() else -np.inf
 
 
@@ -139,14 +144,15 @@ def plan(experiment, seeds):
             for label, script, extra in FED_PIPELINE:
                 for prep in ("pooled", "federated"):
                     runs += [((label, ds, prep), script, pipeline_argv(ds, prep, extra), s) for s in seeds]
-    elif experiment == "table1":  # the tuned recipe's (shorter) runs first, the paper's 300 rounds last
+    elif experiment == "table1":  # what publishing needs first (tuned, then centralized); the 300-round runs last
         for recipe_ in sorted(recipes(), key=lambda r: r != "tuned"):
             for ds in T1_DATASETS:
                 for label, script, extra in FED:
                     runs += [((label, recipe_, ds), script, ["--data", ds, "--recipe", recipe_] + extra, s) for s in seeds]
-        for ds in T1_DATASETS:
-            for label, script, extra in CENTRAL:
-                runs += [((label, "", ds), script, ["--data", ds] + extra, s) for s in seeds]
+        central = [((label, "", ds), script, ["--data", ds] + extra, s)
+                   for ds in T1_DATASETS for label, script, extra in CENTRAL for s in seeds]
+        runs = ([r for r in runs if "paper" not in r[0]] + [r for r in central if PENDING["table1"] not in " ".join(r[2])]
+                + [r for r in runs if "paper" in r[0]] + [r for r in central if PENDING["table1"] in " ".join(r[2])])
     elif experiment == "table2":
         for flags, extra in T2_ROWS:
             runs += [(flags, "fedbyol.py", ["--data", "10X_PBMC"] + extra, s) for s in seeds]
@@ -343,7 +349,8 @@ def table1(df, seeds, overrides, missing):
     rows = [(l, s, e, rc) for l, s, e in FED for rc in recipes()] + [(l, s, e, None) for l, s, e in CENTRAL]
     for label, script, extra, recipe in rows:
         extra = extra + (["--recipe", recipe] if recipe else [])
-        line = f"| {label} | {f'{recipe}: ' + recipe_text(script, ['--data', DATASETS[0]] + extra) if recipe else '–'} |"
+        shown = recipe or ("paper" if PENDING["table1"] in " ".join(extra) else None)  # one-client SimCLR
+        line = f"| {label} | {f'{shown}: ' + recipe_text(script, ['--data', DATASETS[0]] + extra) if shown else '–'} |"
         t = []
         for i, ds in enumerate(T1_DATASETS):
             r = rows_for(df, script, ["--data", ds] + extra, seeds, overrides, missing)
@@ -375,6 +382,8 @@ def tune_table(df, seeds, overrides, missing):
             sds = [rr[col].std(ddof=1) if len(rr) > 1 and col in rr else np.nan for rr in rows]
             cells = [("–" if not np.isfinite(v) else f"{v:.2f}" + (f" ± {sd:.2f}" if np.isfinite(sd) else ""))
                      for v, sd in zip(scores[bn], sds)]
+            cells = [f"diverged ({k} of {len(rr)})" if (k := int((rr.get("status", pd.Series(dtype=str)) == "diverged").sum()))
+                     else c for c, rr in zip(cells, rows)]
             cells = [f"**{c}**" if bn == best_bn and i == best else c for i, c in enumerate(cells)]
             chosen = f"lr {lr:g}, {r} x {e}, {best_bn}" if bn == TUNE_BN[0] else ""
             out.append(f"| {label if bn == TUNE_BN[0] else ''} | {bn} |" + "".join(f" {c} |" for c in cells) + f" {chosen} |")
@@ -507,28 +516,41 @@ def provenance(df):
             f"torch {df['torch'].iloc[0] if 'torch' in df and len(df) else '?'}).")
 
 
+def pending_runs(exp, missing):
+    """The missing runs that a table may show as pending (PENDING): Table 1's paper-recipe runs, and
+    only beside a tuned recipe (without recipes.json every federated row would be pending)."""
+    if exp not in PENDING or (exp == "table1" and "tuned" not in recipes()):
+        return []
+    return [(w, s) for w, s in missing if PENDING[exp] in w]
+
+
 def write_tables(experiments, seeds, results, overrides, publish, verbose=True):
-    """Print every table; write results/<exp>.md only for complete tables (every row with its
-    full seed set) and return those."""
+    """Print every table; write results/<exp>.md only for complete tables (every row with its full
+    seed set, or pending_runs) and return those. A table that is no longer complete (e.g. after a
+    code change) loses its results/<exp>.md, so that no stale table is left there."""
     complete = {}
     for exp in experiments:
         df = all_rows(results, [exp])
         md, missing = build(exp, df, seeds, overrides, results)
         if verbose:
             print(f"\n{TITLES[exp]}\n\n{md}", flush=True)
-        pending = [(w, s) for w, s in missing if exp in PENDING and PENDING[exp] in w]
-        if len(missing) > len(pending):
+        pending = pending_runs(exp, missing)
+        found = [matching(df, resolved(script, full_argv(exp, script, argv, s, results, overrides)))
+                 for _, script, argv, s in plan(exp, seeds)] if len(missing) == len(pending) else []
+        if not any(len(r) for r in found):
             if verbose:
                 print(f"\n{exp} is incomplete, {len(missing) - len(pending)} runs missing (not published), e.g. "
                       + "; ".join(f"{w} --seed {s}" for w, s in missing if (w, s) not in pending)[:600], flush=True)
+            stale = os.path.join(results, f"{exp}.md")
+            if publish and os.path.exists(stale):
+                os.remove(stale)
+                print(f"removed {stale}: its table no longer matches the code and data", flush=True)
             continue
-        found = [matching(df, resolved(script, full_argv(exp, script, argv, s, results, overrides)))
-                 for _, script, argv, s in plan(exp, seeds)]
         used = pd.concat([r.iloc[[-1]] for r in found if len(r)]).drop_duplicates("run")
         note = provenance(used)
         if pending:
-            note += (f" Pending: {len(pending)} runs with `{PENDING[exp]}` (their rows say how many seeds are in; "
-                     f"`bash run_all.sh {exp}` resumes them).")
+            note += (f" Pending: {len(pending)} run{'s' if len(pending) > 1 else ''} with `{PENDING[exp]}` (their "
+                     f"rows say how many seeds are in; `bash run_all.sh {exp}` resumes them).")
         complete[exp] = (md, note)
         if publish:
             with open(os.path.join(results, f"{exp}.md"), "w") as f:

@@ -9,7 +9,8 @@
 #   bash run_all.sh --quick               # every Table 1 row, 3 rounds, one seed (printed only)
 #   bash run_all.sh --jobs 1 --seeds 0    # options: see python benchmark.py --help
 # Rows go to results/<experiment>.csv, logs to results/logs/, tables to results/<experiment>.md
-# and the README (complete tables only). Ctrl-C stops every run and says what finished.
+# and the README (complete tables only; Table 1 also with its paper-recipe rows pending). Ctrl-C
+# stops every run and says what finished.
 set -euo pipefail
 cd "$(dirname "$0")"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1

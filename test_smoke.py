@@ -352,6 +352,9 @@ def test_bn_recompute_row_also_scores_the_running_statistics(synth, tmp_path):
     frame = pd.DataFrame({"ari": [40.0, 50.0], "bn_running_ari": [60.0, 30.0]})
     assert benchmark.tune_score(frame, "recompute") == 45.0 and benchmark.tune_score(frame, "running") == 45.0
     assert benchmark.tune_score(frame.iloc[:0], "running") == -np.inf
+    frame["status"] = ["ok", "diverged"]  # a grid point with a diverged seed is not chosen
+    frame.loc[1, ["ari", "bn_running_ari"]] = np.nan
+    assert benchmark.tune_score(frame, "recompute") == -np.inf and benchmark.tune_score(frame, "running") == -np.inf
 
 
 def test_split_by_batch_then_run_the_sites(tmp_path):
@@ -1223,29 +1226,32 @@ def test_partial_tables_are_printed_not_published(synth, tmp_path, monkeypatch):
 
 
 def test_table1_is_published_with_only_its_paper_rows_pending(synth, tmp_path, monkeypatch):
-    """Table 1 may go out while runs with --recipe paper are missing (shown as pending, counted in
-    the note); any other missing run, or another experiment with missing runs, keeps it out."""
+    """Table 1 goes out when only --recipe paper runs are missing: their rows read pending with no
+    mean of the seeds that are in, and the note counts them; a missing tuned run, or no tuned
+    recipe at all, keeps it out, and a table that is no longer complete loses its .md."""
     import benchmark
     res = str(tmp_path / "results")
-    quick = ["--data", synth, "--clients", "2", "--types-per-client", "2"] + TINY
-    tuned, paper = quick + ["--lr", "0.1"], quick + ["--recipe", "paper"]
-    monkeypatch.setattr(benchmark, "plan", lambda exp, seeds: [
-        ("FedSC", "fedsc.py", argv, s) for argv in (tuned, paper) for s in seeds])
-
-    def build(exp, df, seeds, overrides, results):
-        missing = benchmark.Missing()
-        for argv in (tuned, paper):
-            benchmark.rows_for(df, "fedsc.py", argv, seeds, [], missing)
-        return "table", missing
-    monkeypatch.setattr(benchmark, "build", build)
-    assert benchmark.execute(["table1"], [0], 1, res, [], match=["--lr 0.1"]) == 0
-    assert len(pd.read_csv(os.path.join(res, "table1.csv"))) == 1  # the paper run was not run
-    done = benchmark.write_tables(["table1"], [0], res, [], publish=True)
-    assert "table1" in done and "Pending: 1 runs with `--recipe paper`" in done["table1"][1]
-    assert os.path.exists(os.path.join(res, "table1.md"))
-    assert benchmark.write_tables(["table1"], [0, 1], res, [], publish=False) == {}  # a tuned seed is missing
-    os.rename(os.path.join(res, "table1.csv"), os.path.join(res, "table3.csv"))
-    assert benchmark.write_tables(["table3"], [0], res, [], publish=False) == {}  # table3 has no pending rows
+    monkeypatch.setattr(benchmark, "T1_DATASETS", [synth])
+    monkeypatch.setattr(benchmark, "DATASETS", [synth])
+    monkeypatch.setattr(benchmark, "SHORT", {synth: "synth"})
+    monkeypatch.setattr(benchmark, "FED", [("FedSimCLR", "fedsimclr.py", ["--clients", "2", "--types-per-client", "2"] + TINY)])
+    monkeypatch.setattr(benchmark, "CENTRAL", [])
+    assert benchmark.execute(["table1"], [0], 1, res, []) == 0  # seed 0 of the tuned and the paper row
+    rows = pd.read_csv(os.path.join(res, "table1.csv"))
+    assert sorted(rows["recipe"]) == ["paper", "tuned"]
+    paper_ari = f"{rows.loc[rows.recipe == 'paper', 'ari'].iloc[0]:.2f}"
+    assert benchmark.write_tables(["table1"], [0, 1], res, [], publish=True) == {}  # tuned seed 1 is missing
+    assert benchmark.execute(["table1"], [0, 1], 1, res, [], match=["--recipe tuned"]) == 0
+    done = benchmark.write_tables(["table1"], [0, 1], res, [], publish=True)
+    md, note = done["table1"]
+    paper_line = next(line for line in md.splitlines() if "| paper: " in line)
+    assert "pending (1 of 2 seeds)" in paper_line and paper_ari not in paper_line
+    tuned_line = next(line for line in md.splitlines() if "| tuned: " in line)
+    assert " ± " in tuned_line and "pending" not in tuned_line
+    assert "Pending: 1 run with `--recipe paper`" in note and os.path.exists(os.path.join(res, "table1.md"))
+    monkeypatch.setattr(benchmark, "recipes", lambda: ("paper",))  # no recipes.json: nothing but pending rows
+    assert benchmark.write_tables(["table1"], [0, 1], res, [], publish=True) == {}
+    assert not os.path.exists(os.path.join(res, "table1.md"))  # the stale table is gone
 
 
 @pytest.mark.skipif(not os.path.exists(BLADDER), reason="real bladder file not available")
