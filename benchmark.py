@@ -149,10 +149,10 @@ def plan(experiment, seeds):
             for ds in T1_DATASETS:
                 for label, script, extra in FED:
                     runs += [((label, recipe_, ds), script, ["--data", ds, "--recipe", recipe_] + extra, s) for s in seeds]
-        central = [((label, "", ds), script, ["--data", ds] + extra, s)
-                   for ds in T1_DATASETS for label, script, extra in CENTRAL for s in seeds]
-        runs = ([r for r in runs if "paper" not in r[0]] + [r for r in central if PENDING["table1"] not in " ".join(r[2])]
-                + [r for r in runs if "paper" in r[0]] + [r for r in central if PENDING["table1"] in " ".join(r[2])])
+        for ds in T1_DATASETS:
+            for label, script, extra in CENTRAL:
+                runs += [((label, "", ds), script, ["--data", ds] + extra, s) for s in seeds]
+        runs.sort(key=lambda run: PENDING["table1"] in " ".join(run[2]))  # stable: the pending runs last
     elif experiment == "table2":
         for flags, extra in T2_ROWS:
             runs += [(flags, "fedbyol.py", ["--data", "10X_PBMC"] + extra, s) for s in seeds]
@@ -349,12 +349,13 @@ def table1(df, seeds, overrides, missing):
     rows = [(l, s, e, rc) for l, s, e in FED for rc in recipes()] + [(l, s, e, None) for l, s, e in CENTRAL]
     for label, script, extra, recipe in rows:
         extra = extra + (["--recipe", recipe] if recipe else [])
-        shown = recipe or ("paper" if PENDING["table1"] in " ".join(extra) else None)  # one-client SimCLR
+        pending_row = PENDING["table1"] in " ".join(extra)
+        shown = recipe or ("paper" if pending_row else None)  # one-client SimCLR
         line = f"| {label} | {f'{shown}: ' + recipe_text(script, ['--data', DATASETS[0]] + extra) if shown else '–'} |"
         t = []
         for i, ds in enumerate(T1_DATASETS):
             r = rows_for(df, script, ["--data", ds] + extra, seeds, overrides, missing)
-            if PENDING["table1"] in " ".join(extra) and len(r) < len(seeds):  # no mean of a partial seed set
+            if pending_row and len(r) < len(seeds):  # no mean of a partial seed set
                 line += f" pending ({len(r)} of {len(seeds)} seeds) | – | – |"
                 r = r.iloc[:0]
             else:
