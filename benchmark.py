@@ -87,6 +87,14 @@ TUNE_SEEDS = (0, 1, 2)
 # each grid run trains once with --bn-stats recompute and its row also holds the scores of the same
 # encoder with FedAvg's running statistics (bn_running_*).
 TUNE_BN = ("running", "recompute")
+# The grid's fourth axis: each method's one loss or architecture setting that the paper fixes, two
+# values each (the paper's first, so those runs need no extra flag), the same budget for every method:
+# the predictor of the three methods that have one (SPEC A15: one linear layer; or BYOL's own
+# Linear-BN-ReLU-Linear), the softmax temperature of the three contrastive ones (SPEC: 0.07, MoCo v2
+# 0.2; or 0.5, SimCLR's CIFAR value).
+TUNE_AXIS = {"FedSimCLR": ("temperature", (0.07, 0.5)), "FedMoCoV1": ("temperature", (0.07, 0.5)),
+             "FedMoCoV2": ("temperature", (0.2, 0.5)), "FedSimSiam": ("predictor", ("linear", "mlp")),
+             "FedBYOL": ("predictor", ("linear", "mlp")), "FedSC": ("predictor", ("linear", "mlp"))}
 # Fixed by design in the tuned recipe, not tuned: FedSC takes the download rule whose mu does not
 # saturate with the lr's size (see the mu experiment).
 TUNE_FIXED = {"FedSC": {"mu_rule": "relative"}}
@@ -110,9 +118,17 @@ def flags(options):
     return [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def tune_argv(label, extra, lr, r, e):
+def tune_argv(label, extra, lr, r, e, a=None):
+    """A grid run; a is the value of the method's TUNE_AXIS setting (None or the first: the paper's)."""
+    name, values = TUNE_AXIS[label]
     return (["--data", TUNE_DATA] + extra + flags(TUNE_FIXED.get(label, {}))
-            + ["--lr", str(lr), "--rounds", str(r), "--local-epochs", str(e), "--bn-stats", "recompute"])
+            + ["--lr", str(lr), "--rounds", str(r), "--local-epochs", str(e), "--bn-stats", "recompute"]
+            + (flags({name: a}) if a is not None and a != values[0] else []))
+
+
+def tune_points(label):
+    """The method's grid points (lr, rounds, local epochs, axis value), in the tuning table's order."""
+    return [(lr, r, e, a) for a in TUNE_AXIS[label][1] for lr in TUNE_LRS for r, e in TUNE_SCHEDULES]
 
 
 def tune_score(rr, bn):
@@ -128,9 +144,8 @@ def plan(experiment, seeds):
     runs = []
     if experiment == "tune":
         for label, script, extra in FED:
-            for lr in TUNE_LRS:
-                for r, e in TUNE_SCHEDULES:
-                    runs += [((label, lr, r, e), script, tune_argv(label, extra, lr, r, e), s) for s in TUNE_SEEDS]
+            for lr, r, e, a in tune_points(label):
+                runs += [((label, lr, r, e, a), script, tune_argv(label, extra, lr, r, e, a), s) for s in TUNE_SEEDS]
     elif experiment == "mu":  # every seed at the larger lr, where the rules differ most; one at the paper's
         for lr in MU_LRS:
             some = seeds if lr == max(MU_LRS) else seeds[:1]
@@ -337,8 +352,13 @@ def secs(r):
 
 
 def recipe_text(script, argv):
+    """How a tuned row differs from the paper's recipe, e.g. "lr 1, 50 x 5, BN recomputed, predictor mlp"."""
     a = resolved(script, argv + ["--seed", "0"])
-    return f"lr {a.lr:g}, {a.rounds} x {a.local_epochs}" + (", BN recomputed" if getattr(a, "bn_stats", "") == "recompute" else "")
+    p = resolved(script, [x if x != "tuned" else "paper" for x in argv] + ["--seed", "0"])
+    changed = "".join(f", {k} {getattr(a, k)}" for k in ("predictor", "temperature")
+                      if hasattr(a, k) and getattr(a, k) != getattr(p, k))
+    return (f"lr {a.lr:g}, {a.rounds} x {a.local_epochs}" + (", BN recomputed" if getattr(a, "bn_stats", "") == "recompute" else "")
+            + changed)
 
 
 def table1(df, seeds, overrides, missing):
@@ -370,49 +390,57 @@ def table1(df, seeds, overrides, missing):
 
 def tune_table(df, seeds, overrides, missing):
     configs = [(lr, r, e) for lr in TUNE_LRS for r, e in TUNE_SCHEDULES]
-    out = ["| method | BatchNorm statistics |" + "".join(f" lr {lr:g}, {r} x {e} |" for lr, r, e in configs) + " chosen |",
-           "|" + "---|" * (len(configs) + 3)]
+    out = ["| method | setting | BatchNorm statistics |" + "".join(f" lr {lr:g}, {r} x {e} |" for lr, r, e in configs)
+           + " chosen |", "|" + "---|" * (len(configs) + 4)]
     for label, script, extra in FED:
-        rows = [rows_for(df, script, tune_argv(label, extra, lr, r, e), TUNE_SEEDS, overrides, missing) for lr, r, e in configs]
-        scores = {bn: [tune_score(rr, bn) for rr in rows] for bn in TUNE_BN}
-        best_bn = max(TUNE_BN, key=lambda bn: max(scores[bn]))
-        best = int(np.argmax(scores[best_bn]))
+        name, values = TUNE_AXIS[label]
+        rows = {a: [rows_for(df, script, tune_argv(label, extra, lr, r, e, a), TUNE_SEEDS, overrides, missing)
+                    for lr, r, e in configs] for a in values}
+        scores = {(a, bn): [tune_score(rr, bn) for rr in rows[a]] for a in values for bn in TUNE_BN}
+        best_key = max(scores, key=lambda k: max(scores[k]))  # the first of equals, as write_recipes
+        best = int(np.argmax(scores[best_key]))
         lr, r, e = configs[best]
-        for bn in TUNE_BN:
-            col = "ari" if bn == "recompute" else "bn_running_ari"
-            sds = [rr[col].std(ddof=1) if len(rr) > 1 and col in rr else np.nan for rr in rows]
-            cells = [("–" if not np.isfinite(v) else f"{v:.2f}" + (f" ± {sd:.2f}" if np.isfinite(sd) else ""))
-                     for v, sd in zip(scores[bn], sds)]
-            cells = [f"diverged ({k} of {len(rr)})" if (k := int((rr.get("status", pd.Series(dtype=str)) == "diverged").sum()))
-                     else c for c, rr in zip(cells, rows)]
-            cells = [f"**{c}**" if bn == best_bn and i == best else c for i, c in enumerate(cells)]
-            chosen = f"lr {lr:g}, {r} x {e}, {best_bn}" if bn == TUNE_BN[0] else ""
-            out.append(f"| {label if bn == TUNE_BN[0] else ''} | {bn} |" + "".join(f" {c} |" for c in cells) + f" {chosen} |")
+        first = True
+        for a in values:
+            for bn in TUNE_BN:
+                col = "ari" if bn == "recompute" else "bn_running_ari"
+                sds = [rr[col].std(ddof=1) if len(rr) > 1 and col in rr else np.nan for rr in rows[a]]
+                cells = [("–" if not np.isfinite(v) else f"{v:.2f}" + (f" ± {sd:.2f}" if np.isfinite(sd) else ""))
+                         for v, sd in zip(scores[(a, bn)], sds)]
+                cells = [f"diverged ({k} of {len(rr)})" if (k := int((rr.get("status", pd.Series(dtype=str)) == "diverged").sum()))
+                         else c for c, rr in zip(cells, rows[a])]
+                cells = [f"**{c}**" if (a, bn) == best_key and i == best else c for i, c in enumerate(cells)]
+                chosen = f"lr {lr:g}, {r} x {e}, {name} {best_key[0]}, {best_key[1]}" if first else ""
+                out.append(f"| {label if first else ''} | {name} {a} | {bn} |" + "".join(f" {c} |" for c in cells)
+                           + f" {chosen} |")
+                first = False
     return "\n".join(out)
 
 
 def write_recipes(df, seeds):
-    """recipes.json: for each method, the grid point (lr, rounds x epochs, BatchNorm statistics)
-    with the best mean ARI on 10X PBMC."""
+    """recipes.json: for each method, the grid point (lr, rounds x epochs, BatchNorm statistics, its
+    TUNE_AXIS setting) with the best mean ARI on 10X PBMC; the first of equals in the tuning table's order."""
     chosen, missing = {}, Missing()
     for label, script, extra in FED:
-        best = None
-        for lr in TUNE_LRS:
-            for r, e in TUNE_SCHEDULES:
-                rr = rows_for(df, script, tune_argv(label, extra, lr, r, e), TUNE_SEEDS, [], missing)
-                for bn in TUNE_BN:
+        best, name = None, TUNE_AXIS[label][0]
+        for a in TUNE_AXIS[label][1]:
+            for bn in TUNE_BN:
+                for lr, r, e in ((lr, r, e) for lr in TUNE_LRS for r, e in TUNE_SCHEDULES):
+                    rr = rows_for(df, script, tune_argv(label, extra, lr, r, e, a), TUNE_SEEDS, [], missing)
                     score = tune_score(rr, bn)
                     if best is None or score > best[0]:
-                        best = (score, dict(lr=lr, rounds=r, local_epochs=e, bn_stats=bn, **TUNE_FIXED.get(label, {})))
+                        best = (score, dict(lr=lr, rounds=r, local_epochs=e, bn_stats=bn, **{name: a},
+                                            **TUNE_FIXED.get(label, {})))
         chosen[label] = best[1]
     if missing:
         print(f"tune is incomplete ({len(missing)} runs missing): recipes.json not written", flush=True)
         return
-    doc = {"rule": f"for each method, the (lr, rounds, local epochs, BatchNorm statistics) of the grid with the best "
+    doc = {"rule": f"for each method, the (lr, rounds, local epochs, BatchNorm statistics, its predictor or temperature) "
+                   f"of the grid with the best "
                    f"mean ARI on {TUNE_DATA} over seeds {list(TUNE_SEEDS)}; fixed by design, not tuned: {TUNE_FIXED}; "
                    f"every other setting is the paper's",
            "grid": {"lr": list(TUNE_LRS), "rounds x local_epochs": [list(x) for x in TUNE_SCHEDULES],
-                    "bn_stats": list(TUNE_BN)},
+                    "bn_stats": list(TUNE_BN), "predictor or temperature": {k: list(v[1]) for k, v in TUNE_AXIS.items()}},
            "recipes": chosen}
     D.write_atomic(common.RECIPES, lambda tmp: json.dump(doc, open(tmp, "w"), indent=1))
     print(f"wrote {common.RECIPES}: {chosen}", flush=True)

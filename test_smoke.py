@@ -357,6 +357,48 @@ def test_bn_recompute_row_also_scores_the_running_statistics(synth, tmp_path):
     assert benchmark.tune_score(frame, "recompute") == -np.inf and benchmark.tune_score(frame, "running") == -np.inf
 
 
+def test_tune_grid_axis_flags_and_choice(monkeypatch, tmp_path):
+    """The tuning grid's per-method axis (predictor or temperature): its first value is the paper's
+    (no flag, so those runs are the two-axis grid's), its second changes exactly that option; every
+    method gets the same number of runs; recipes.json takes the best mean ARI over all four axes and
+    agrees with the tuning table's choice."""
+    import benchmark
+    counts = {}
+    for _, script, argv, _ in benchmark.plan("tune", [0]):
+        counts[script] = counts.get(script, 0) + 1
+    per_label = {label: (36 if script != "fedmoco.py" else 72) for label, script, _ in benchmark.FED}
+    assert {s: n for s, n in counts.items()} == {script: per_label[label] for label, script, _ in benchmark.FED}
+    for label, script, extra in benchmark.FED:
+        name, (paper, other) = benchmark.TUNE_AXIS[label]
+        base = benchmark.tune_argv(label, extra, 0.3, 50, 5)
+        assert benchmark.tune_argv(label, extra, 0.3, 50, 5, paper) == base
+        a, b = parse(script[:-3], base), parse(script[:-3], benchmark.tune_argv(label, extra, 0.3, 50, 5, other))
+        assert getattr(a, name) == paper and getattr(b, name) == other
+        assert {k for k in vars(a) if vars(a)[k] != vars(b)[k]} == {name}
+    # a synthetic grid: one point (an axis value, lr 0.3, 25 x 5) is best with recomputed statistics
+    target = {"FedSC": ["--predictor", "mlp", "--lr", "0.3", "--rounds", "25"],
+              "FedSimCLR": ["--temperature", "0.5", "--lr", "0.3", "--rounds", "25"]}
+
+    def fake_rows(df, script, argv, seeds, overrides, missing):
+        label = next(l for l, s, e in benchmark.FED if s == script and all(x in argv for x in e))
+        hit = label in target and all(" ".join(target[label][i:i + 2]) in " ".join(argv) for i in (0, 2, 4))
+        return pd.DataFrame({"ari": [70.0 if hit else 40.0] * len(seeds), "bn_running_ari": [50.0] * len(seeds)})
+    monkeypatch.setattr(benchmark, "rows_for", fake_rows)
+    monkeypatch.setattr(common, "RECIPES", str(tmp_path / "recipes.json"))
+    benchmark.write_recipes(pd.DataFrame(), [0, 1, 2])
+    chosen = json.load(open(tmp_path / "recipes.json"))["recipes"]
+    assert chosen["FedSC"] == dict(lr=0.3, rounds=25, local_epochs=5, bn_stats="recompute", predictor="mlp",
+                                   mu_rule="relative")
+    assert chosen["FedSimCLR"] == dict(lr=0.3, rounds=25, local_epochs=5, bn_stats="recompute", temperature=0.5)
+    assert chosen["FedBYOL"] == dict(lr=0.1, rounds=25, local_epochs=5, bn_stats="running", predictor="linear")
+    table = benchmark.tune_table(pd.DataFrame(), [0, 1, 2], [], benchmark.Missing())
+    assert "| lr 0.3, 25 x 5, predictor mlp, recompute |" in table
+    assert "| lr 0.3, 25 x 5, temperature 0.5, recompute |" in table
+    assert "| lr 0.1, 25 x 5, predictor linear, running |" in table
+    fedsc_lines = [l for l in table.splitlines() if "predictor mlp | recompute" in l]
+    assert "**70.00 ± 0.00**" in fedsc_lines[2]  # FedSimSiam, FedBYOL, then FedSC: its own best in bold
+
+
 def test_split_by_batch_then_run_the_sites(tmp_path):
     X, y = D.synthetic_counts(n_cells=120, n_genes=50, n_types=3, seed=12)
     batch = np.where(np.arange(120) < 50, "mouse1", "mouse2")
