@@ -126,9 +126,24 @@ def tune_argv(label, extra, lr, r, e, a=None):
             + (flags({name: a}) if a is not None and a != values[0] else []))
 
 
+TUNE_CONFIGS = [(lr, r, e) for lr in TUNE_LRS for r, e in TUNE_SCHEDULES]  # a tuning table's columns
+
+
 def tune_points(label):
     """The method's grid points (lr, rounds, local epochs, axis value), in the tuning table's order."""
-    return [(lr, r, e, a) for a in TUNE_AXIS[label][1] for lr in TUNE_LRS for r, e in TUNE_SCHEDULES]
+    return [(lr, r, e, a) for a in TUNE_AXIS[label][1] for lr, r, e in TUNE_CONFIGS]
+
+
+def tune_choice(df, label, script, extra, overrides, missing):
+    """A method's grid rows {axis value: [rows per TUNE_CONFIGS]}, their scores {(axis value, BN
+    statistics): [mean ARI per config]}, and the best: (its key, its config's index); the first of
+    equals in the tuning table's order. The tuning table and recipes.json both read it."""
+    values = TUNE_AXIS[label][1]
+    rows = {a: [rows_for(df, script, tune_argv(label, extra, lr, r, e, a), TUNE_SEEDS, overrides, missing)
+                for lr, r, e in TUNE_CONFIGS] for a in values}
+    scores = {(a, bn): [tune_score(rr, bn) for rr in rows[a]] for a in values for bn in TUNE_BN}
+    best_key = max(scores, key=lambda k: max(scores[k]))
+    return rows, scores, best_key, int(np.argmax(scores[best_key]))
 
 
 def tune_score(rr, bn):
@@ -389,17 +404,12 @@ def table1(df, seeds, overrides, missing):
 
 
 def tune_table(df, seeds, overrides, missing):
-    configs = [(lr, r, e) for lr in TUNE_LRS for r, e in TUNE_SCHEDULES]
-    out = ["| method | setting | BatchNorm statistics |" + "".join(f" lr {lr:g}, {r} x {e} |" for lr, r, e in configs)
-           + " chosen |", "|" + "---|" * (len(configs) + 4)]
+    out = ["| method | setting | BatchNorm statistics |" + "".join(f" lr {lr:g}, {r} x {e} |" for lr, r, e in TUNE_CONFIGS)
+           + " chosen |", "|" + "---|" * (len(TUNE_CONFIGS) + 4)]
     for label, script, extra in FED:
         name, values = TUNE_AXIS[label]
-        rows = {a: [rows_for(df, script, tune_argv(label, extra, lr, r, e, a), TUNE_SEEDS, overrides, missing)
-                    for lr, r, e in configs] for a in values}
-        scores = {(a, bn): [tune_score(rr, bn) for rr in rows[a]] for a in values for bn in TUNE_BN}
-        best_key = max(scores, key=lambda k: max(scores[k]))  # the first of equals, as write_recipes
-        best = int(np.argmax(scores[best_key]))
-        lr, r, e = configs[best]
+        rows, scores, best_key, best = tune_choice(df, label, script, extra, overrides, missing)
+        lr, r, e = TUNE_CONFIGS[best]
         first = True
         for a in values:
             for bn in TUNE_BN:
@@ -422,22 +432,15 @@ def write_recipes(df, seeds):
     TUNE_AXIS setting) with the best mean ARI on 10X PBMC; the first of equals in the tuning table's order."""
     chosen, missing = {}, Missing()
     for label, script, extra in FED:
-        best, name = None, TUNE_AXIS[label][0]
-        for a in TUNE_AXIS[label][1]:
-            for bn in TUNE_BN:
-                for lr, r, e in ((lr, r, e) for lr in TUNE_LRS for r, e in TUNE_SCHEDULES):
-                    rr = rows_for(df, script, tune_argv(label, extra, lr, r, e, a), TUNE_SEEDS, [], missing)
-                    score = tune_score(rr, bn)
-                    if best is None or score > best[0]:
-                        best = (score, dict(lr=lr, rounds=r, local_epochs=e, bn_stats=bn, **{name: a},
-                                            **TUNE_FIXED.get(label, {})))
-        chosen[label] = best[1]
+        _, _, (a, bn), best = tune_choice(df, label, script, extra, [], missing)
+        lr, r, e = TUNE_CONFIGS[best]
+        chosen[label] = dict(lr=lr, rounds=r, local_epochs=e, bn_stats=bn, **{TUNE_AXIS[label][0]: a},
+                             **TUNE_FIXED.get(label, {}))
     if missing:
         print(f"tune is incomplete ({len(missing)} runs missing): recipes.json not written", flush=True)
         return
     doc = {"rule": f"for each method, the (lr, rounds, local epochs, BatchNorm statistics, its predictor or temperature) "
-                   f"of the grid with the best "
-                   f"mean ARI on {TUNE_DATA} over seeds {list(TUNE_SEEDS)}; fixed by design, not tuned: {TUNE_FIXED}; "
+                   f"of the grid with the best mean ARI on {TUNE_DATA} over seeds {list(TUNE_SEEDS)}; fixed by design, not tuned: {TUNE_FIXED}; "
                    f"every other setting is the paper's",
            "grid": {"lr": list(TUNE_LRS), "rounds x local_epochs": [list(x) for x in TUNE_SCHEDULES],
                     "bn_stats": list(TUNE_BN), "predictor or temperature": {k: list(v[1]) for k, v in TUNE_AXIS.items()}},
