@@ -105,7 +105,16 @@ FED_PIPELINE = [("FedSimCLR", "fedsimclr.py", []), ("FedSC", "fedsc.py", [])]
 MU_LRS = (0.032, 0.3)
 T2_ROWS = [((1, 0, 0), ["--no-ema", "--no-sg"]), ((1, 1, 0), ["--no-sg"]), ((1, 0, 1), ["--no-ema"]),
            ((0, 1, 1), ["--no-predictor"]), ((1, 1, 1), [])]
-EXPERIMENTS = ("tune", "mu", "federated", "table1", "table2", "table3", "fig3")
+# The split experiment: what the non-IID split costs each method at its tuned recipe. The same runs
+# as Table 1's tuned rows with only the split changed: IID over the same 4 clients, and one client
+# holding every cell (centralized training with the same recipe). Its non-IID column is Table 1's
+# own runs (SHARED_ROWS), not new ones.
+SPLITS = [("non-IID (Table 1)", []), ("IID, 4 clients", ["--partition", "iid"]),
+          ("one client", ["--clients", "1", "--partition", "iid"])]
+EXPERIMENTS = ("tune", "mu", "federated", "table1", "split", "table2", "table3", "fig3")
+# An experiment whose runs may already have a row in another experiment's CSV: such a run is reused,
+# not run again, and its table reads both CSVs.
+SHARED_ROWS = {"split": ["table1"]}
 # Runs an experiment's table may show as pending: Table 1's paper-recipe rows, the one-client SimCLR
 # row included (300 rounds each, about 12 CPU-hours in all), are published as "pending" until their
 # seeds are all in, once every tuned and centralized row is complete. Any other missing run keeps a
@@ -183,6 +192,12 @@ def plan(experiment, seeds):
             for label, script, extra in CENTRAL:
                 runs += [((label, "", ds), script, ["--data", ds] + extra, s) for s in seeds]
         runs.sort(key=lambda run: PENDING["table1"] in " ".join(run[2]))  # stable: the pending runs last
+    elif experiment == "split":
+        for ds in DATASETS:
+            for label, script, extra in FED:
+                for name, split in SPLITS:
+                    runs += [((label, ds, name), script, ["--data", ds, "--recipe", "tuned"] + extra + split, s)
+                             for s in seeds]
     elif experiment == "table2":
         for flags, extra in T2_ROWS:
             runs += [(flags, "fedbyol.py", ["--data", "10X_PBMC"] + extra, s) for s in seeds]
@@ -252,7 +267,7 @@ def execute(experiments, seeds, jobs, results, overrides, match=()):
     row is the last thing a run writes)."""
     failed = 0
     for exp in experiments:
-        df, todo, seen, skipped = all_rows(results, [exp]), [], set(), 0  # its own rows: its table uses them
+        df, todo, seen, skipped = all_rows(results, [exp] + SHARED_ROWS.get(exp, [])), [], set(), 0  # the rows its table uses
         for label, script, argv, seed in plan(exp, seeds):
             if not all(m in " ".join([script] + argv) for m in match):
                 continue
@@ -489,6 +504,24 @@ def federated_table(df, seeds, overrides, missing):
     return "\n".join(out)
 
 
+def split_table(df, seeds, overrides, missing):
+    """ARI per method and split at the tuned recipe; the last columns split the drop from one client
+    to the non-IID split in two: federating itself (one client - IID) and the non-IID split (IID - non-IID)."""
+    out = ["| method | recipe |" + "".join(f" {SHORT[ds]}: {name} |" for ds in DATASETS for name, _ in SPLITS)
+           + "".join(f" {SHORT[ds]}: one client - IID | IID - non-IID |" for ds in DATASETS),
+           "|" + "---|" * (2 + len(DATASETS) * (len(SPLITS) + 2))]
+    for label, script, extra in FED:
+        line, gaps = f"| {label} | {recipe_text(script, ['--data', DATASETS[0], '--recipe', 'tuned'] + extra)} |", ""
+        for ds in DATASETS:
+            rr = [rows_for(df, script, ["--data", ds, "--recipe", "tuned"] + extra + split, seeds, overrides, missing)
+                  for _, split in SPLITS]
+            line += "".join(f" {cell(r, 'ari')} |" for r in rr)
+            m = [r["ari"].mean() if len(r) and "ari" in r else np.nan for r in rr]
+            gaps += f" {m[2] - m[1]:+.2f} | {m[1] - m[0]:+.2f} |" if np.all(np.isfinite(m)) else " – | – |"
+        out.append(line + gaps)
+    return "\n".join(out)
+
+
 def table2(df, seeds, overrides, missing):
     mark = {1: "✓", 0: "✗"}
     out = ["| predictor | EMA | stop-grad | ARI | NMI | Sil | paper ARI / NMI / Sil | s/run |", "|" + "---|" * 8]
@@ -524,6 +557,8 @@ TITLES = {"tune": f"Tuning grid: ARI on 10X PBMC, mean ± std over seeds {', '.j
                        "(tuned recipe, mean ± std over seeds)",
           "table1": "Table 1: every method with the paper's and the tuned recipe, and centralized references "
                     "(mean ± std over seeds)",
+          "split": "What the split costs: ARI at each method's tuned recipe with the cells split non-IID over 4 clients "
+                   "(Table 1), IID over 4 clients, or all on one client (mean ± std over seeds)",
           "table2": "Table 2: FedBYOL ablation on 10X PBMC (paper recipe)",
           "table3": "Table 3: FedSC on mouse bladder, cell types per client (paper recipe)",
           "fig3": "Figure 3 sweep: FedBYOL on 10X PBMC, rounds and local epochs"}
@@ -534,7 +569,7 @@ def build(exp, df, seeds, overrides, results):
     if exp == "mu":
         md = mu_table(df, seeds, overrides, missing, results)
     else:
-        md = {"tune": tune_table, "federated": federated_table, "table1": table1, "table2": table2, "table3": table3,
+        md = {"tune": tune_table, "federated": federated_table, "table1": table1, "split": split_table, "table2": table2, "table3": table3,
               "fig3": fig3_table}[exp](df, seeds, overrides, missing)
     return md, missing
 
@@ -562,7 +597,7 @@ def write_tables(experiments, seeds, results, overrides, publish, verbose=True):
     code change) loses its results/<exp>.md, so that no stale table is left there."""
     complete = {}
     for exp in experiments:
-        df = all_rows(results, [exp])
+        df = all_rows(results, [exp] + SHARED_ROWS.get(exp, []))
         md, missing = build(exp, df, seeds, overrides, results)
         if verbose:
             print(f"\n{TITLES[exp]}\n\n{md}", flush=True)
