@@ -1332,3 +1332,30 @@ def test_publish_writes_the_results_file_and_only_its_readme_block(tmp_path, mon
     assert "old" not in text and "| new | (short) |" in text and "keep" in text and text.startswith("intro\n")
     assert "written by a test" in text
     assert (tmp_path / "results" / "x.md").read_text() == "| new |\n"
+
+
+def test_split_reuses_table1_runs_and_its_gaps_are_the_differences(synth, tmp_path, monkeypatch, capsys):
+    """The split experiment runs only the IID and one-client runs: its non-IID column is Table 1's
+    tuned run (same arguments, data and code), and its gap columns are differences of its ARI cells."""
+    import benchmark
+    res = str(tmp_path / "results")
+    monkeypatch.setattr(benchmark, "T1_DATASETS", [synth])
+    monkeypatch.setattr(benchmark, "DATASETS", [synth])
+    monkeypatch.setattr(benchmark, "SHORT", {synth: "synth"})
+    monkeypatch.setattr(benchmark, "FED", [("FedSimCLR", "fedsimclr.py", ["--clients", "2", "--types-per-client", "2"] + TINY)])
+    monkeypatch.setattr(benchmark, "CENTRAL", [])
+    assert benchmark.execute(["table1"], [0], 1, res, [], match=["--recipe tuned"]) == 0
+    capsys.readouterr()
+    assert benchmark.execute(["split"], [0], 2, res, []) == 0
+    assert "split: 2 runs to do, 1 already have a row" in capsys.readouterr().out
+    t1, sp_ = pd.read_csv(os.path.join(res, "table1.csv")), pd.read_csv(os.path.join(res, "split.csv"))
+    assert len(t1) == 1 and len(sp_) == 2 and sorted(sp_["clients"]) == [1, 2]
+    assert (sp_["partition"] == "iid").all() and t1["partition"].iloc[0] == "class"
+    done = benchmark.write_tables(["split"], [0], res, [], publish=True)
+    line = next(l for l in done["split"][0].splitlines() if l.startswith("| FedSimCLR"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    non_iid, iid = t1["ari"].iloc[0], sp_.loc[sp_.clients == 2, "ari"].iloc[0]
+    one = sp_.loc[sp_.clients == 1, "ari"].iloc[0]
+    assert cells[2:5] == [f"{non_iid:.2f}", f"{iid:.2f}", f"{one:.2f}"]
+    assert cells[5:7] == [f"{one - iid:+.2f}", f"{iid - non_iid:+.2f}"]
+    assert os.path.exists(os.path.join(res, "split.md"))
