@@ -1267,17 +1267,22 @@ def test_partial_tables_are_printed_not_published(synth, tmp_path, monkeypatch):
     assert f"`{common.git_commit()}`" in done["table3"][1]  # provenance names the rows' commit
 
 
+def one_method_benchmark(benchmark, monkeypatch, synth):
+    """The benchmark shrunk to FedSimCLR with tiny settings on the synthetic file, no centralized rows."""
+    monkeypatch.setattr(benchmark, "T1_DATASETS", [synth])
+    monkeypatch.setattr(benchmark, "DATASETS", [synth])
+    monkeypatch.setattr(benchmark, "SHORT", {synth: "synth"})
+    monkeypatch.setattr(benchmark, "FED", [("FedSimCLR", "fedsimclr.py", ["--clients", "2", "--types-per-client", "2"] + TINY)])
+    monkeypatch.setattr(benchmark, "CENTRAL", [])
+
+
 def test_table1_is_published_with_only_its_paper_rows_pending(synth, tmp_path, monkeypatch):
     """Table 1 goes out when only --recipe paper runs are missing: their rows read pending with no
     mean of the seeds that are in, and the note counts them; a missing tuned run, or no tuned
     recipe at all, keeps it out, and a table that is no longer complete loses its .md."""
     import benchmark
     res = str(tmp_path / "results")
-    monkeypatch.setattr(benchmark, "T1_DATASETS", [synth])
-    monkeypatch.setattr(benchmark, "DATASETS", [synth])
-    monkeypatch.setattr(benchmark, "SHORT", {synth: "synth"})
-    monkeypatch.setattr(benchmark, "FED", [("FedSimCLR", "fedsimclr.py", ["--clients", "2", "--types-per-client", "2"] + TINY)])
-    monkeypatch.setattr(benchmark, "CENTRAL", [])
+    one_method_benchmark(benchmark, monkeypatch, synth)
     assert benchmark.execute(["table1"], [0], 1, res, []) == 0  # seed 0 of the tuned and the paper row
     rows = pd.read_csv(os.path.join(res, "table1.csv"))
     assert sorted(rows["recipe"]) == ["paper", "tuned"]
@@ -1339,11 +1344,7 @@ def test_split_reuses_table1_runs_and_its_gaps_are_the_differences(synth, tmp_pa
     tuned run (same arguments, data and code), and its gap columns are differences of its ARI cells."""
     import benchmark
     res = str(tmp_path / "results")
-    monkeypatch.setattr(benchmark, "T1_DATASETS", [synth])
-    monkeypatch.setattr(benchmark, "DATASETS", [synth])
-    monkeypatch.setattr(benchmark, "SHORT", {synth: "synth"})
-    monkeypatch.setattr(benchmark, "FED", [("FedSimCLR", "fedsimclr.py", ["--clients", "2", "--types-per-client", "2"] + TINY)])
-    monkeypatch.setattr(benchmark, "CENTRAL", [])
+    one_method_benchmark(benchmark, monkeypatch, synth)
     assert benchmark.execute(["table1"], [0], 1, res, [], match=["--recipe tuned"]) == 0
     capsys.readouterr()
     assert benchmark.execute(["split"], [0], 2, res, []) == 0
