@@ -4,7 +4,8 @@
 
 Experiments: tune (the tuning grid on 10X PBMC; writes recipes.json), mu (FedSC's download rules),
 federated (pooled vs federated preprocessing and evaluation),
-table1 (every method, paper and tuned recipes, three datasets), table2, table3, fig3. Each run is
+table1 (every method, paper and tuned recipes, three datasets), split (each tuned recipe with the
+cells IID over 4 clients or on one client; its non-IID runs are Table 1's), table2, table3, fig3. Each run is
 one subprocess of a method file (one torch thread); its row lands in results/<experiment>.csv only
 when it finishes. A row is reused (the run skipped) only when every argument, the data file's
 sha256 and the hash of the code that produced it (the script and the modules it imports) match,

@@ -6,6 +6,7 @@
 #   bash run_all.sh tune table1           # the tuning grid on 10X PBMC (writes recipes.json), then
 #                                         # Table 1 with the paper's and the tuned recipe
 #   bash run_all.sh mu                    # FedSC's download rules, mu over the rounds
+#   bash run_all.sh split                 # each tuned recipe non-IID (Table 1's runs), IID, one client
 #   bash run_all.sh --quick               # every Table 1 row, 3 rounds, one seed (printed only)
 #   bash run_all.sh --jobs 1 --seeds 0    # options: see python benchmark.py --help
 # Rows go to results/<experiment>.csv, logs to results/logs/, tables to results/<experiment>.md
