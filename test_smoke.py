@@ -140,6 +140,23 @@ def test_same_seed_same_metrics_other_seed_differs(synth, tmp_path):
     assert r.loc[0, "run"] != r.loc[1, "run"]  # two runs never share a folder
 
 
+def test_fedsc_with_one_client_is_fedbyol_and_with_two_is_not(synth, tmp_path):
+    """With one client the global model is that client's model, so FedSC's merge must return it
+    unchanged (the split table's one-client FedSC and FedBYOL rows are the same run); with two
+    clients the merge keeps part of the local model, so the runs differ."""
+    emb = {}
+    for clients in ("1", "2"):
+        out = str(tmp_path / f"c{clients}.csv")
+        for script in ("fedsc.py", "fedbyol.py"):
+            p = run([script, "--data", synth, "--clients", clients, "--partition", "iid", "--out", out] + TINY
+                    + ["--rounds", "3"])
+            assert p.returncode == 0, p.stderr
+        r = rows(out)
+        emb[clients] = [np.load(os.path.join(tmp_path, "runs", name, "embedding.npy")) for name in r["run"]]
+    assert np.array_equal(*emb["1"])
+    assert not np.allclose(*emb["2"])
+
+
 def test_eval_every_does_not_change_the_run(synth, tmp_path):
     """Evaluating the global model during training must not touch the clients or their RNGs."""
     out = str(tmp_path / "r.csv")
