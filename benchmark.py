@@ -107,9 +107,9 @@ MU_LRS = (0.032, 0.3)
 T2_ROWS = [((1, 0, 0), ["--no-ema", "--no-sg"]), ((1, 1, 0), ["--no-sg"]), ((1, 0, 1), ["--no-ema"]),
            ((0, 1, 1), ["--no-predictor"]), ((1, 1, 1), [])]
 # The split experiment: what the non-IID split costs each method at its tuned recipe. The same runs
-# as Table 1's tuned rows with only the split changed: IID over the same 4 clients, and one client
-# holding every cell (centralized training with the same recipe). Its non-IID column is Table 1's
-# own runs (SHARED_ROWS), not new ones.
+# as Table 1's tuned rows (its three datasets) with only the split changed: IID over the same 4
+# clients, and one client holding every cell (centralized training with the same recipe). Its
+# non-IID column is Table 1's own runs (SHARED_ROWS), not new ones.
 SPLITS = [("non-IID (Table 1)", []), ("IID, 4 clients", ["--partition", "iid"]),
           ("one client", ["--clients", "1", "--partition", "iid"])]
 EXPERIMENTS = ("tune", "mu", "federated", "table1", "split", "table2", "table3", "fig3")
@@ -194,7 +194,7 @@ def plan(experiment, seeds):
                 runs += [((label, "", ds), script, ["--data", ds] + extra, s) for s in seeds]
         runs.sort(key=lambda run: PENDING["table1"] in " ".join(run[2]))  # stable: the pending runs last
     elif experiment == "split":
-        for ds in DATASETS:
+        for ds in T1_DATASETS:
             for label, script, extra in FED:
                 for name, split in SPLITS:
                     runs += [((label, ds, name), script, ["--data", ds, "--recipe", "tuned"] + extra + split, s)
@@ -508,12 +508,12 @@ def federated_table(df, seeds, overrides, missing):
 def split_table(df, seeds, overrides, missing):
     """ARI per method and split at the tuned recipe; the last columns split the drop from one client
     to the non-IID split in two: federating itself (one client - IID) and the non-IID split (IID - non-IID)."""
-    out = ["| method | recipe |" + "".join(f" {SHORT[ds]}: {name} |" for ds in DATASETS for name, _ in SPLITS)
-           + "".join(f" {SHORT[ds]}: one client - IID | IID - non-IID |" for ds in DATASETS),
-           "|" + "---|" * (2 + len(DATASETS) * (len(SPLITS) + 2))]
+    out = ["| method | recipe |" + "".join(f" {SHORT[ds]}: {name} |" for ds in T1_DATASETS for name, _ in SPLITS)
+           + "".join(f" {SHORT[ds]}: one client - IID | {SHORT[ds]}: IID - non-IID |" for ds in T1_DATASETS),
+           "|" + "---|" * (2 + len(T1_DATASETS) * (len(SPLITS) + 2))]
     for label, script, extra in FED:
         line, gaps = f"| {label} | {recipe_text(script, ['--data', DATASETS[0], '--recipe', 'tuned'] + extra)} |", ""
-        for ds in DATASETS:
+        for ds in T1_DATASETS:
             rr = [rows_for(df, script, ["--data", ds, "--recipe", "tuned"] + extra + split, seeds, overrides, missing)
                   for _, split in SPLITS]
             line += "".join(f" {cell(r, 'ari')} |" for r in rr)
