@@ -257,6 +257,11 @@ def all_rows(results, experiments=EXPERIMENTS):
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def experiment_rows(results, exp):
+    """The rows an experiment runs against and builds its table from: its own CSV's and SHARED_ROWS'."""
+    return all_rows(results, [exp] + SHARED_ROWS.get(exp, []))
+
+
 def full_argv(exp, script, argv, seed, results, overrides):
     return (argv + ["--seed", str(seed), "--threads", "1", "--out", os.path.join(results, f"{exp}.csv")]
             + applicable(script, overrides))
@@ -268,7 +273,7 @@ def execute(experiments, seeds, jobs, results, overrides, match=()):
     row is the last thing a run writes)."""
     failed = 0
     for exp in experiments:
-        df, todo, seen, skipped = all_rows(results, [exp] + SHARED_ROWS.get(exp, [])), [], set(), 0  # the rows its table uses
+        df, todo, seen, skipped = experiment_rows(results, exp), [], set(), 0  # the rows its table uses
         for label, script, argv, seed in plan(exp, seeds):
             if not all(m in " ".join([script] + argv) for m in match):
                 continue
@@ -517,8 +522,8 @@ def split_table(df, seeds, overrides, missing):
             rr = [rows_for(df, script, ["--data", ds, "--recipe", "tuned"] + extra + split, seeds, overrides, missing)
                   for _, split in SPLITS]
             line += "".join(f" {cell(r, 'ari')} |" for r in rr)
-            m = [r["ari"].mean() if len(r) and "ari" in r else np.nan for r in rr]
-            gaps += f" {m[2] - m[1]:+.2f} | {m[1] - m[0]:+.2f} |" if np.all(np.isfinite(m)) else " – | – |"
+            non_iid, iid, one = [r["ari"].mean() if len(r) and "ari" in r else np.nan for r in rr]  # SPLITS' order
+            gaps += f" {one - iid:+.2f} | {iid - non_iid:+.2f} |" if np.isfinite([non_iid, iid, one]).all() else " – | – |"
         out.append(line + gaps)
     return "\n".join(out)
 
@@ -598,7 +603,7 @@ def write_tables(experiments, seeds, results, overrides, publish, verbose=True):
     code change) loses its results/<exp>.md, so that no stale table is left there."""
     complete = {}
     for exp in experiments:
-        df = all_rows(results, [exp] + SHARED_ROWS.get(exp, []))
+        df = experiment_rows(results, exp)
         md, missing = build(exp, df, seeds, overrides, results)
         if verbose:
             print(f"\n{TITLES[exp]}\n\n{md}", flush=True)
