@@ -1,4 +1,4 @@
-# Centralized reference rows of Table 1 (no federation: all cells in one place). Docs: README.md#centralizedpy
+# Centralized reference rows of Table 1 (no federation: all cells in one place). Docs: docs/protocol.md#centralizedpy
 """Centralized baselines on the same preprocessed cells:
   pca      PCA (50 components) of the preprocessed matrix + KMeans: a strong, honest baseline
   pca_raw  the paper's PCA row: PCA(2) of the raw ceil'd counts + KMeans (contrastive-sc's notebook)
@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import common
 
 
@@ -91,8 +92,8 @@ if __name__ == "__main__":
     with common.user_errors():
         args = common.parse_args(Args)
         t_start = time.time()
-        common.check_args(args)
-        common.resolve(args)
+        cli.check_args(args)
+        cli.resolve(args)
         torch.set_num_threads(args.threads)
         print(f"config {json.dumps(vars(args))}", flush=True)
         common.seed_everything(args.seed)

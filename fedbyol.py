@@ -1,4 +1,4 @@
-# FedBYOL (the FedU / FedEMA papers' baseline; FedSC paper Tables 1-2). Docs: README.md#fedbyolpy
+# FedBYOL (the FedU / FedEMA papers' baseline; FedSC paper Tables 1-2). Docs: docs/protocol.md#fedbyolpy
 """FedBYOL: each client trains BYOL locally (online encoder + predictor, EMA target, stop-gradient),
 uploads its online encoder and predictor, the server averages them (FedAvg), and each client
 replaces both with the global ones; the target encoder stays on the client. Flags remove the
@@ -18,7 +18,7 @@ import common
 
 @dataclass
 class Args(common.FedArgs):
-    """FedBYOL on scRNA-seq counts; defaults are the paper's protocol (README: Protocol)."""
+    """FedBYOL on scRNA-seq counts; defaults are the paper's protocol (docs/protocol.md)."""
     # METHOD: BYOL local training
     tau: float = 0.99
     """EMA rate of the local target encoder, applied after every step (EasyFL 0.99)"""
@@ -33,7 +33,7 @@ class Args(common.FedArgs):
     """remove the EMA target: the target branch is the online encoder itself (tau = 0)"""
     no_sg: bool = False
     """remove the stop-gradient: the target branch gets gradients too; with the EMA target kept, its
-    parameters join the optimizer and also get the EMA blend after each step (README: deviation 9)"""
+    parameters join the optimizer and also get the EMA blend after each step (docs/protocol.md: deviation 9)"""
     method: str = dataclasses.field(default="FedBYOL", init=False)
 
     def __post_init__(self):

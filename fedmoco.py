@@ -1,4 +1,4 @@
-# FedMoCo v1 / v2 (FedSC paper Table 1 baselines). Docs: README.md#fedmocopy
+# FedMoCo v1 / v2 (FedSC paper Table 1 baselines). Docs: docs/protocol.md#fedmocopy
 """FedMoCo: each client trains MoCo locally (query encoder, momentum key encoder, a queue of past
 keys as negatives), uploads its query encoder, the server averages the query encoders (FedAvg),
 and each client replaces its query encoder with the global one. The key encoder restarts from the
@@ -18,7 +18,7 @@ import common
 
 @dataclass
 class Args(common.FedArgs):
-    """FedMoCo on scRNA-seq counts; defaults are the paper's protocol (README: Protocol)."""
+    """FedMoCo on scRNA-seq counts; defaults are the paper's protocol (docs/protocol.md)."""
     # METHOD: MoCo local training
     version: typing.Literal[1, 2] = 1
     """1: linear head 60->128, T 0.07; 2: MLP head 60->60->128 (ReLU), T 0.2"""

@@ -1,4 +1,4 @@
-# FedSC (Mo & Chen): federated BYOL + a divergence-aware EMA download. Docs: README.md#fedscpy
+# FedSC (Mo & Chen): federated BYOL + a divergence-aware EMA download. Docs: docs/protocol.md#fedscpy
 """FedSC: each client trains BYOL locally (online encoder + predictor, EMA target, stop-gradient),
 uploads its online encoder and predictor, the server averages them (FedAvg), and each client takes
 the global model back through an EMA whose rate mu_k grows with the divergence between the global
@@ -18,7 +18,7 @@ import common
 
 @dataclass
 class Args(common.FedArgs):
-    """FedSC on scRNA-seq counts; defaults are the paper's protocol (README: Protocol)."""
+    """FedSC on scRNA-seq counts; defaults are the paper's protocol (docs/protocol.md)."""
     # METHOD: BYOL local training
     tau: float = 0.99
     """EMA rate of the local target encoder, applied after every step (EasyFL 0.99)"""

@@ -1,4 +1,4 @@
-# FedSimCLR (FedSC paper Table 1 baseline). Docs: README.md#fedsimclrpy
+# FedSimCLR (FedSC paper Table 1 baseline). Docs: docs/protocol.md#fedsimclrpy
 """FedSimCLR: each client trains SimCLR locally (encoder g(f(x)), NT-Xent over 2B views with 2B-2
 negatives per anchor), uploads its encoder, the server averages the encoders (FedAvg), and each
 client replaces its encoder with the global one."""
@@ -14,7 +14,7 @@ import common
 
 @dataclass
 class Args(common.FedArgs):
-    """FedSimCLR on scRNA-seq counts; defaults are the paper's protocol (README: Protocol)."""
+    """FedSimCLR on scRNA-seq counts; defaults are the paper's protocol (docs/protocol.md)."""
     # METHOD: SimCLR local training
     temperature: float = 0.07
     """NT-Xent temperature (EasyFL and contrastive-sc 0.07; SimCLR on CIFAR 0.5)"""

@@ -1,4 +1,4 @@
-# FedSimSiam (FedSC paper Table 1 baseline). Docs: README.md#fedsimsiampy
+# FedSimSiam (FedSC paper Table 1 baseline). Docs: docs/protocol.md#fedsimsiampy
 """FedSimSiam: each client trains SimSiam locally (encoder + predictor, stop-gradient, no momentum
 encoder), uploads its encoder and predictor, the server averages them (FedAvg), and each client
 replaces both with the global ones."""
@@ -15,7 +15,7 @@ import common
 
 @dataclass
 class Args(common.FedArgs):
-    """FedSimSiam on scRNA-seq counts; defaults are the paper's protocol (README: Protocol)."""
+    """FedSimSiam on scRNA-seq counts; defaults are the paper's protocol (docs/protocol.md)."""
     # METHOD: SimSiam local training
     predictor: typing.Literal["linear", "mlp"] = "linear"
     """predictor q: Linear(128,128) as the paper, or SimSiam's bottleneck Linear-BN-ReLU-Linear 128->32->128"""

@@ -90,7 +90,7 @@ def measure(n_cells, n_genes):
     torch.set_num_threads(1)
     args = common.parse_args(fedsc.Args, ["--rounds", "1", "--types-per-client", "2", "--n-genes", str(N_HVG)])
     y = y[cells]
-    data = common.Data(Xp, y, D.partition(y, args.clients, "class", 2, seed=0), N_TYPES, cells)
+    data = D.Data(Xp, y, D.partition(y, args.clients, "class", 2, seed=0), N_TYPES, cells)
     torch.manual_seed(0)
     model = fedsc.make_model(Xp.shape[1], args)
     with contextlib.redirect_stdout(io.StringIO()):  # federate's per-round lines

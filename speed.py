@@ -19,6 +19,7 @@ import warnings
 import torch
 
 import benchmark
+import cli
 import common
 import fedsc
 
@@ -166,7 +167,7 @@ def main():
     rate1, rate2 = gemm_rate(1), gemm_rate(2)
     layer = first_layer_variants(data.X.shape[1])
     step = step_variants(data.X.shape[1])
-    tuned = common.tuned_recipe("FedSC") if os.path.exists(common.RECIPES) else None
+    tuned = cli.tuned_recipe("FedSC") if os.path.exists(cli.RECIPES) else None
     from torch.profiler import profile, ProfilerActivity
     prof_args, _ = fedsc_setup(max(2, a.rounds // 4), 1)
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -14,6 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 
 import common
+import formats
 import data as D
 
 
@@ -36,7 +37,7 @@ def main():
             c = a.types_per_client or max(1, len(label_names) // a.clients)
             groups = {f"site{k}": idx for k, idx in enumerate(D.partition(y, a.clients, "class", c, seed=a.seed))}
         else:
-            column = D.read_column(path, a.by)
+            column = formats.read_column(path, a.by)
             common.check(len(column) == X.shape[0], f"'{a.by}' has {len(column)} values for {X.shape[0]} cells")
             groups = {str(v): np.flatnonzero(column == v) for v in np.unique(column)}
         os.makedirs(a.out, exist_ok=True)
@@ -47,7 +48,7 @@ def main():
         for name, idx in groups.items():
             out = os.path.join(a.out, f"{stem}_{name}.h5")
             extra = {} if y is None else {"Y": y[idx], "label_names": label_names}
-            D.write_h5(out, X[idx].toarray(), gene_names=genes, cell_names=np.asarray(cells)[idx], **extra)
+            formats.write_h5(out, X[idx].toarray(), gene_names=genes, cell_names=np.asarray(cells)[idx], **extra)
             print(f"{out}: {len(idx)} cells", flush=True)
 
 

@@ -16,7 +16,9 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
+import cli
 import common
+import federated
 import data as D
 from test_smoke import _site_files, parse, rows, write_h5
 
@@ -121,11 +123,11 @@ def test_simulation_gives_the_in_process_weights_bit_for_bit(name, extra, simula
         ad = anndata.read_h5ad(os.path.join(folder, f"site{k}_synth_part{k}.h5ad"))
         assert np.array_equal(ad.X, data.X[idx])
         assert list(ad.obs_names) == [str(c) for c in data.cells[idx]]
-    # the federated KMeans and metrics from messages equal common.federated_metrics on the same encoder
-    expected, _ = common.federated_metrics(common.embed(args, model, data.X, [data.X[idx] for idx in data.parts]),
+    # the federated KMeans and metrics from messages equal federated.federated_metrics on the same encoder
+    expected, _ = federated.federated_metrics(common.embed(args, model, data.X, [data.X[idx] for idx in data.parts]),
                                            data, args.seed)
     if name == "fedsc_bn":  # and the recomputed statistics change the result
-        plain, _ = common.federated_metrics(common.embed(parse(script, ["--out", "unused.csv"]), model, data.X),
+        plain, _ = federated.federated_metrics(common.embed(parse(script, ["--out", "unused.csv"]), model, data.X),
                                             data, args.seed)
         assert plain["erank"] != pytest.approx(expected["erank"], rel=1e-6)
     got = json.load(open(os.path.join(folder, "result.json")))
@@ -178,9 +180,9 @@ def test_deployment_one_superlink_two_supernodes_each_site_gets_its_own_cells(tm
     assert row["status"] == "ok" and row["clients"] == 2 and json.loads(row["sites"].replace("'", '"')) == ["a.h5", "b.h5"]
     import anndata
     args = parse("fedsc", ["--sites", a, b, "--out", str(tmp_path / "r.csv")] + TINY.split())
-    common.check_args(args)
-    common.resolve(args, os.path.join(ROOT, "fedsc.py"))
-    data = common.load_sites(args)
+    cli.check_args(args)
+    cli.resolve(args, os.path.join(ROOT, "fedsc.py"))
+    data = federated.load_sites(args)
     for k, (name, n, prefix) in enumerate((("site_a", 70, "a"), ("site_b", 90, "b"))):
         folder = run_folder(tmp_path / name)
         assert os.listdir(folder) == [f"site{k}_{prefix}.h5ad"]  # this site's file only

@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score
 
+import cli
 import common
+import federated
+import runs
 import data as D
 
 torch.set_num_threads(1)  # as every script does: this small MLP is slower on two threads
@@ -89,7 +92,7 @@ def test_script_end_to_end_synthetic(script, extra, synth, tmp_path):
     assert sorted(set(cl["label_name"].astype(str))) == ["1", "2", "3", "4"]
     log = pd.read_csv(os.path.join(run_dir, "rounds.csv"))
     assert len(log) == 2 * 2 and set(log["client"]) == {0, 1} and np.isfinite(log["loss"]).all()
-    assert r["code"][0] == common.code_hash(os.path.join(ROOT, script))
+    assert r["code"][0] == runs.code_hash(os.path.join(ROOT, script))
 
 
 @pytest.mark.skipif(not os.path.exists(BLADDER), reason="real bladder file not available")
@@ -107,7 +110,7 @@ def test_fedsc_on_real_bladder(tmp_path):
 @pytest.mark.skipif(not os.path.exists(BLADDER), reason="real bladder file not available")
 def test_benchmark_file_by_path_gets_the_benchmarks_defaults(tmp_path):
     args = parse("fedsc", ["--data", BLADDER, "--out", str(tmp_path / "r.csv")])
-    common.resolve(args, os.path.join(ROOT, "fedsc.py"))
+    cli.resolve(args, os.path.join(ROOT, "fedsc.py"))
     assert args.n_genes == 1500 and args.types_per_client == 4
 
 
@@ -243,9 +246,9 @@ def test_one_file_per_site(tmp_path):
             assert f["obsm"]["X_fedsc"].shape == (n, 60) and f.attrs["encoding-type"] == "anndata"
     # the same cells in one file give the same preprocessed matrix: sites are matched by gene name
     args = parse("fedsc", ["--sites", a, b, "--n-genes", "100", "--out", out])
-    common.check_args(args)
-    common.resolve(args, os.path.join(ROOT, "fedsc.py"))
-    assert np.allclose(common.load_sites(args).X, D.preprocess(X, 100)[0], atol=1e-5)
+    cli.check_args(args)
+    cli.resolve(args, os.path.join(ROOT, "fedsc.py"))
+    assert np.allclose(federated.load_sites(args).X, D.preprocess(X, 100)[0], atol=1e-5)
 
 
 def test_server_receives_no_array_with_a_row_per_cell(tmp_path, monkeypatch):
@@ -285,13 +288,14 @@ def test_server_receives_no_array_with_a_row_per_cell(tmp_path, monkeypatch):
     SITE = {"site_moments", "site_contingency", "site_scatter", "site_assign", "site_bn_moments"}
     SERVER = {"merge_moments", "hvg_from_moments", "merge_scatter", "scores_from_contingency", "rank_from_scatter",
               "merge_bn_moments"}
-    for name in ("site_moments", "merge_moments", "hvg_from_moments"):
-        spy(D, name)
+    for name in ("site_moments", "merge_moments"):
+        spy(federated, name)
+    spy(D, "hvg_from_moments")
     for name in ("site_contingency", "site_scatter", "merge_scatter", "scores_from_contingency", "rank_from_scatter",
                  "site_bn_moments", "merge_bn_moments"):
-        spy(common, name)
-    spy(common, "site_assign", send=lambda out: out[1])  # the labels stay on the site
-    kth = D.federated_kth
+        spy(federated, name)
+    spy(federated, "site_assign", send=lambda out: out[1])  # the labels stay on the site
+    kth = federated.federated_kth
     def spied_kth(count_at_most, k, hi):  # the median: the sites answer with one integer each
         def answered(f):
             def g(t):
@@ -301,7 +305,7 @@ def test_server_receives_no_array_with_a_row_per_cell(tmp_path, monkeypatch):
                 return n
             return g
         return kth([answered(f) for f in count_at_most], k, hi)
-    monkeypatch.setattr(D, "federated_kth", spied_kth)
+    monkeypatch.setattr(federated, "federated_kth", spied_kth)
     upload = lambda client: (lambda out: (check("upload", out), out)[1])(fedsc.upload(client))
     aggregate = lambda uploads: (check("aggregate args", uploads), fedsc.aggregate(uploads))[1]
 
@@ -319,7 +323,7 @@ def test_server_receives_no_array_with_a_row_per_cell(tmp_path, monkeypatch):
     # and the check bites: a site's labels (one per cell) would be caught
     h = np.random.default_rng(0).normal(size=(70, 5))
     with pytest.raises(AssertionError, match="shape"):
-        check("labels", common.site_assign(h, h[:4])[0])
+        check("labels", federated.site_assign(h, h[:4])[0])
 
 
 def test_bn_recompute_from_sites_equals_pooled_training_mode():
@@ -401,7 +405,7 @@ def test_tune_grid_axis_flags_and_choice(monkeypatch, tmp_path):
         hit = label in target and all(" ".join(target[label][i:i + 2]) in " ".join(argv) for i in (0, 2, 4))
         return pd.DataFrame({"ari": [70.0 if hit else 40.0] * len(seeds), "bn_running_ari": [50.0] * len(seeds)})
     monkeypatch.setattr(benchmark, "rows_for", fake_rows)
-    monkeypatch.setattr(common, "RECIPES", str(tmp_path / "recipes.json"))
+    monkeypatch.setattr(cli, "RECIPES", str(tmp_path / "recipes.json"))
     benchmark.write_recipes(pd.DataFrame(), [0, 1, 2])
     chosen = json.load(open(tmp_path / "recipes.json"))["recipes"]
     assert chosen["FedSC"] == dict(lr=0.3, rounds=25, local_epochs=5, bn_stats="recompute", predictor="mlp",
@@ -536,8 +540,8 @@ def _setup_only(name, argv):
     """What a script does before training: parse, check, resolve, load, partition."""
     args = common.parse_args(importlib.import_module(name).Args, argv)
     if name == "centralized":
-        common.check_args(args)
-        common.resolve(args, os.path.join(ROOT, "centralized.py"))
+        cli.check_args(args)
+        cli.resolve(args, os.path.join(ROOT, "centralized.py"))
         return common.load(args)
     return common.setup(args)
 
@@ -584,7 +588,7 @@ def test_cli_flags_parse():
 def test_recipe_tuned_reads_recipes_and_explicit_flags_win(tmp_path, monkeypatch):
     path = tmp_path / "recipes.json"
     path.write_text('{"recipes": {"FedSC": {"lr": 0.25, "rounds": 77, "local_epochs": 3}}}')
-    monkeypatch.setattr(common, "RECIPES", str(path))
+    monkeypatch.setattr(cli, "RECIPES", str(path))
     a = parse("fedsc", ["--recipe", "tuned"])
     assert (a.lr, a.rounds, a.local_epochs) == (0.25, 77, 3)
     a = parse("fedsc", ["--recipe", "tuned", "--rounds", "5"])
@@ -802,7 +806,7 @@ def test_preprocess_sparse_equals_dense_and_a_direct_computation():
 def _federated_vs_pooled(X, bounds, n_genes):
     sites = [X[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     pooled, cells, genes = D.preprocess(X, n_genes)
-    fed, fed_cells, fed_genes = D.preprocess_federated(sites, n_genes)
+    fed, fed_cells, fed_genes = federated.preprocess_federated(sites, n_genes)
     assert np.array_equal(genes, fed_genes)  # the same genes
     assert np.array_equal(cells, np.concatenate([c + a for c, a in zip(fed_cells, bounds)]))
     assert np.abs(pooled - np.concatenate(fed)).max() < 1e-5  # the same scaled matrix
@@ -814,7 +818,7 @@ def test_federated_preprocessing_equals_pooled_on_uneven_sites():
     X[:, 7] = 0  # an empty gene
     for n in (50, 120):
         _federated_vs_pooled(X, [0, 13, 60, 251, 400], n)  # four sites of 13, 47, 191 and 149 cells
-    assert D.federated_kth([lambda t: int((np.array([5, 1, 9]) <= t).sum()), lambda t: int((np.array([4]) <= t).sum())],
+    assert federated.federated_kth([lambda t: int((np.array([5, 1, 9]) <= t).sum()), lambda t: int((np.array([4]) <= t).sum())],
                            2, 100) == 4  # the 2nd smallest of 5, 1, 9, 4
 
 
@@ -905,20 +909,20 @@ def test_federated_lloyd_equals_pooled_lloyd_and_scores_equal_pooled():
     h = rng.normal(size=(600, 5)) + 3 * np.eye(5)[y]
     init = h[[0, 1, 2, 3]]
     sites = [h[:50], h[50:320], h[320:]]  # uneven sites
-    cent, labels, inertia = common.federated_lloyd(sites, init.copy())
+    cent, labels, inertia = federated.federated_lloyd(sites, init.copy())
     ref = KMeans(4, init=init, n_init=1, algorithm="lloyd", tol=0, max_iter=300).fit(h)
     assert np.allclose(cent, ref.cluster_centers_, atol=1e-10) and inertia == pytest.approx(ref.inertia_)
     assert np.array_equal(np.concatenate(labels), ref.labels_)
     pred = np.concatenate(labels)
-    table = sum(common.site_contingency(y[a:b], l, 4, 4) for (a, b), l in zip([(0, 50), (50, 320), (320, 600)], labels))
-    ari, nmi = common.scores_from_contingency(table)
+    table = sum(federated.site_contingency(y[a:b], l, 4, 4) for (a, b), l in zip([(0, 50), (50, 320), (320, 600)], labels))
+    ari, nmi = federated.scores_from_contingency(table)
     assert ari == pytest.approx(100 * adjusted_rand_score(y, pred)) and nmi == pytest.approx(100 * normalized_mutual_info_score(y, pred))
-    real, sent = common.site_assign, []
-    common.site_assign = lambda *a: (lambda out: (sent.append(out[1]), out)[1])(real(*a))
+    real, sent = federated.site_assign, []
+    federated.site_assign = lambda *a: (lambda out: (sent.append(out[1]), out)[1])(real(*a))
     try:
-        _, _, fed_inertia = common.federated_kmeans(sites, 4, seed=0)  # seeded from the sites' centroids only
+        _, _, fed_inertia = federated.federated_kmeans(sites, 4, seed=0)  # seeded from the sites' centroids only
     finally:
-        common.site_assign = real
+        federated.site_assign = real
     # what the sites send the server: per-cluster sums (4 x 5), counts (4), inertia and a count
     assert sent and all(np.shape(s[0]) == (4, 5) and np.shape(s[1]) == (4,) and np.ndim(s[2]) == np.ndim(s[3]) == 0
                         for s in sent)
@@ -1122,7 +1126,7 @@ def test_moco_queue_wraps_around_with_short_batches():
 def _tiny_data(n_cells=60, n_genes=20):
     X, y = D.synthetic_counts(n_cells=n_cells, n_genes=n_genes, n_types=2, seed=0)
     half = n_cells // 2
-    return common.Data(D.preprocess(X, n_genes)[0], y, [np.arange(half), np.arange(half, n_cells)], 2, np.arange(n_cells))
+    return D.Data(D.preprocess(X, n_genes)[0], y, [np.arange(half), np.arange(half, n_cells)], 2, np.arange(n_cells))
 
 
 @pytest.mark.parametrize("name,argv,uploaded,local", [
@@ -1177,7 +1181,7 @@ LEARN = {  # method -> ARI it must reach on separable synthetic data (PCA: 99; u
 def separable():
     X, y = D.synthetic_counts(n_cells=400, n_genes=200, n_types=4, seed=0)
     Xp, cells, _ = D.preprocess(X, 200)
-    return common.Data(Xp, y[cells], [np.arange(0, 400, 2), np.arange(1, 400, 2)], 4, cells)
+    return D.Data(Xp, y[cells], [np.arange(0, 400, 2), np.arange(1, 400, 2)], 4, cells)
 
 
 def _learn(mod, args, data, broken=False):
@@ -1214,18 +1218,18 @@ def test_collapse_signal():
     assert not common.collapsed(line[:, :2], 1.0)  # a 2-d embedding (PCA-raw) is not judged
     s = np.linalg.svd(spread - spread.mean(0), compute_uv=False)  # against the SVD definition
     assert common.effective_rank(spread) == pytest.approx(np.exp(-(s / s.sum() * np.log(s / s.sum())).sum()))
-    merged = common.merge_scatter([common.site_scatter(spread[a:b]) for a, b in ((0, 30), (30, 310), (310, 500))])
-    assert common.rank_from_scatter(merged[2]) == pytest.approx(common.effective_rank(spread))  # sites merge exactly
+    merged = federated.merge_scatter([federated.site_scatter(spread[a:b]) for a, b in ((0, 30), (30, 310), (310, 500))])
+    assert federated.rank_from_scatter(merged[2]) == pytest.approx(common.effective_rank(spread))  # sites merge exactly
 
 
 def test_append_row_keeps_every_row(tmp_path):
     path = str(tmp_path / "r.csv")
-    common.append_row(path, {"a": 1, "b": 2})
-    common.append_row(path, {"a": 3, "c": 4})
+    runs.append_row(path, {"a": 1, "b": 2})
+    runs.append_row(path, {"a": 3, "c": 4})
     r = pd.read_csv(path)
     assert r["a"].tolist() == [1, 3] and list(r.columns) == ["a", "b", "c"]
-    common.append_row(path, {"a": 5, "config_id": "012345678901", "commit": "1234e56"})
-    r = pd.read_csv(path, dtype=common.TEXT_COLUMNS)
+    runs.append_row(path, {"a": 5, "config_id": "012345678901", "commit": "1234e56"})
+    r = pd.read_csv(path, dtype=runs.TEXT_COLUMNS)
     assert r["config_id"].iloc[-1] == "012345678901" and r["commit"].iloc[-1] == "1234e56"  # hashes stay text
     assert sorted(os.listdir(tmp_path)) == ["r.csv", "r.csv.lock"]  # no temporary file left
 
@@ -1261,7 +1265,7 @@ def test_benchmark_reruns_only_rows_whose_code_changed(synth, tmp_path, monkeypa
     assert len(benchmark.all_rows(res)) == 6 + 2  # table3's and table2's rows, not runs.csv's
     got = benchmark.rows_for(benchmark.all_rows(res), "fedsimclr.py", ["--data", synth, "--clients", "2",
                              "--types-per-client", "2"] + TINY, [0, 1], [], benchmark.Missing())
-    assert len(got) == 2 and set(got["code"]) == {common.code_hash(str(repo / "fedsimclr.py"))}
+    assert len(got) == 2 and set(got["code"]) == {runs.code_hash(str(repo / "fedsimclr.py"))}
     # --match: only the runs whose command holds every text given
     assert benchmark.execute(["table3"], [2], 2, res, [], match=["fedsimsiam.py", "--types-per-client 2"]) == 0
     assert "table3: 1 runs to do, 0 already have a row" in capsys.readouterr().out
@@ -1281,7 +1285,7 @@ def test_partial_tables_are_printed_not_published(synth, tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(res, "table3.md"))
     done = benchmark.write_tables(["table3"], [0], res, [], publish=True)
     assert "table3" in done and os.path.exists(os.path.join(res, "table3.md"))
-    assert f"`{common.git_commit()}`" in done["table3"][1]  # provenance names the rows' commit
+    assert f"`{runs.git_commit()}`" in done["table3"][1]  # provenance names the rows' commit
 
 
 def one_method_benchmark(benchmark, monkeypatch, synth):

@@ -51,6 +51,7 @@ def main():
                    help="print only; by default results/speed_flower.md and the README block are written")
     a = p.parse_args()
     import common
+    import cli, formats
     import data as D
     out = a.out or tempfile.mkdtemp(prefix="speed_flower_")
     env = localhost.flower_env(os.path.join(out, "flwr_home"))
@@ -75,12 +76,12 @@ def main():
     found = {}
     X, y, names, _ = D.read_counts(path, names=found)
     args = common.parse_args(__import__(a.method).Args, ["--data", a.data, "--clients", str(a.clients)])
-    common.resolve(args, os.path.join(ROOT, f"{a.method}.py"))
+    cli.resolve(args, os.path.join(ROOT, f"{a.method}.py"))
     parts = D.partition(y, a.clients, "class", args.types_per_client, seed=args.seed)
     genes = found.get("genes", [f"gene{i}" for i in range(X.shape[1])])
     files = []
     for k, idx in enumerate(parts):
-        files.append(D.write_h5(os.path.join(out, f"site{k}.h5"), X[idx], Y=y[idx], label_names=names,
+        files.append(formats.write_h5(os.path.join(out, f"site{k}.h5"), X[idx], Y=y[idx], label_names=names,
                                 gene_names=genes, cell_names=[f"c{i}" for i in idx]))
     nodes = [f'data-path="{f}" out-dir="{os.path.join(out, "deployment")}"' for f in files]
     t0 = time.time()

@@ -27,8 +27,10 @@ class Site:
         repo(context.node_config, context.run_config)
         import common
         import data as D
+        import cli, federated, formats
         torch.set_num_threads(1)  # as common.setup: one thread per op
         self.common, self.D, self.context, self.state = common, D, context, context.state
+        self.cli, self.federated, self.formats = cli, federated, formats
         self.cfg = msg.content["config"]
         self.arrays = unpack(msg.content["arrays"]) if "arrays" in msg.content else {}
         self.mod = method_module(self.cfg["method"])
@@ -38,7 +40,7 @@ class Site:
         self.path = str(path) if path else ""
         self.where = self.path or f"partition {context.node_config.get('partition-id', '?')}"
 
-    # -- reading and preprocessing (data.preprocess_federated, one step per message) -------------
+    # -- reading and preprocessing (federated.preprocess_federated, one step per message) -------------
     def read(self):
         """SITE: its raw counts (cells x genes, the server's shared genes when it named them), label
         names per cell or None, gene names or None, cell names, and the cells' row numbers in its file."""
@@ -54,7 +56,7 @@ class Site:
             pid, path = int(node["partition-id"]), D.resolve_data(args.data)
             counts, y, names, used = D.read_counts(path, args.label_key or None, args.labels or None, args.transpose,
                                                    args.layer or None, found)
-            self.common.default_types_per_client(args, y)
+            self.cli.default_types_per_client(args, y)
             parts = D.partition(y, args.clients, args.partition, args.types_per_client, args.dirichlet_alpha,
                                 args.seed, args.shuffle_classes, n_cells=counts.shape[0])
             if pid >= len(parts):
@@ -167,7 +169,7 @@ def count(site, msg):
 def moments(site, msg):
     """SITE -> SERVER: per-gene (n, mean, M2) of its normalised values (the server picks the HVGs)."""
     X, *_ = site.normalised()
-    n, mean, m2 = site.D.site_moments(X)
+    n, mean, m2 = site.federated.site_moments(X)
     return _reply(msg, reply=config(n=n), arrays=pack({"mean": mean, "m2": m2}))
 
 
@@ -181,7 +183,7 @@ def _logs(site):
 def log_moments(site, msg):
     """SITE -> SERVER: per-gene moments of the log values of the HVGs (the server returns mean, std)."""
     L, *_ = _logs(site)
-    n, mean, m2 = site.D.site_moments(L)
+    n, mean, m2 = site.federated.site_moments(L)
     return _reply(msg, reply=config(n=n), arrays=pack({"mean": mean, "m2": m2}))
 
 
@@ -251,7 +253,7 @@ def train(site, msg):
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation: common.federated_metrics' SITE steps, one message each
+# Evaluation: federated.federated_metrics' SITE steps, one message each
 # ---------------------------------------------------------------------------------------------
 def _model(site, x, arrays):
     """The method's model with the server's weights loaded (built without touching the torch RNG)."""
@@ -265,12 +267,12 @@ def _model(site, x, arrays):
 
 @_step("bn_moments")
 def bn_moments(site, msg):
-    """SITE: common.site_bn_moments of one BatchNorm layer of the online encoder on its cells."""
+    """SITE: federated.site_bn_moments of one BatchNorm layer of the online encoder on its cells."""
     import torch
     x = unpack(site.state["fedsc.cells"])["x"]
     online = _model(site, x, msg.content["arrays"])["online"].eval()
     with torch.no_grad():
-        n, s, ss = site.common.site_bn_moments(online, torch.from_numpy(x), dict(online.named_modules())[site.cfg["layer"]])
+        n, s, ss = site.federated.site_bn_moments(online, torch.from_numpy(x), dict(online.named_modules())[site.cfg["layer"]])
     return _reply(msg, reply=config(n=n), arrays=pack({"sum": s.numpy(), "sumsq": ss.numpy()}))
 
 
@@ -289,7 +291,7 @@ def embed(site, msg):
         raise site.common.Diverged("the embedding holds NaN or inf values; try a smaller --lr")
     k = int(site.cfg["k"])
     km = KMeans(min(k, len(h)), n_init=1, random_state=site.args.seed).fit(h)
-    n, mean, scatter = site.common.site_scatter(h)
+    n, mean, scatter = site.federated.site_scatter(h)
     site.state["fedsc.eval"] = pack({"h": h})
     return _reply(msg, reply=config(n=n), arrays=pack({
         "centroids": km.cluster_centers_, "sizes": np.bincount(km.labels_, minlength=len(km.cluster_centers_)),
@@ -298,14 +300,14 @@ def embed(site, msg):
 
 @_step("assign")
 def assign(site, msg):
-    """SITE: common.site_assign for each KMeans restart still running; the labels stay here."""
+    """SITE: federated.site_assign for each KMeans restart still running; the labels stay here."""
     ev = unpack(site.state["fedsc.eval"])
     a = unpack(msg.content["arrays"])
     restarts, first = list(site.cfg["restarts"]), bool(site.cfg["first"])
     labels = ev.get("labels", np.zeros((int(site.cfg["n_init"]), len(ev["h"])), np.int64))
     out = {}
     for i, r in enumerate(restarts):
-        labels[r], (sums, counts, inertia, changed) = site.common.site_assign(
+        labels[r], (sums, counts, inertia, changed) = site.federated.site_assign(
             ev["h"], a["centroids"][i], None if first else labels[r])
         out.update({f"sums{r}": sums, f"counts{r}": counts, f"inertia{r}": np.float64(inertia), f"changed{r}": np.int64(changed)})
     site.state["fedsc.eval"] = pack({"h": ev["h"], "labels": labels})
@@ -316,14 +318,14 @@ def assign(site, msg):
 def finish(site, msg):
     """SITE: with the winning restart's clusters, sends its contingency table, cluster sizes and summed
     simplified silhouette, and writes its own cells, annotated, as an .h5ad (as save_run does)."""
-    common, cfg = site.common, site.cfg
+    federated, cfg = site.federated, site.cfg
     ev, cells = unpack(site.state["fedsc.eval"]), unpack(site.state["fedsc.cells"])
     cent = unpack(msg.content["arrays"])["centroids"]
     h, labels, k = ev["h"], ev["labels"][int(cfg["best"])], len(cent)
     out = {"counts": np.bincount(labels, minlength=k)}
     if "labels" in cells:
         names = np.asarray(cfg["label_names"])
-        out["table"] = common.site_contingency(np.searchsorted(names, cells["labels"]), labels, len(names), k)
+        out["table"] = federated.site_contingency(np.searchsorted(names, cells["labels"]), labels, len(names), k)
     d = np.sqrt(np.maximum((h ** 2).sum(1)[:, None] - 2 * h @ cent.T + (cent ** 2).sum(1)[None], 0))
     a = d[np.arange(len(h)), labels]
     d[np.arange(len(h)), labels] = np.inf
@@ -336,6 +338,6 @@ def finish(site, msg):
         f"{os.path.basename(site.args.data).split('.')[0]}_part{site.context.node_config['partition-id']}"
     path = os.path.join(folder, f"site{site.cid}_{stem}.h5ad")
     columns = {f"{key}_cluster": labels} | ({} if "labels" not in cells else {"cell_type": cells["labels"]})
-    site.D.write_h5ad(path, cells["x"], cells["names"], cells["genes"], columns,
+    site.formats.write_h5ad(path, cells["x"], cells["names"], cells["genes"], columns,
                       {f"X_{key}": h.astype(np.float32)}, {f"{key}_config": cfg["config"]})
     return _reply(msg, arrays=pack(out), reply=config(path=os.path.abspath(path)))

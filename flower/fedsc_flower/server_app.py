@@ -1,6 +1,6 @@
 """ServerApp: the method file's aggregate, the run's rounds, lr schedule (common.learning_rate) and
-seed from the run config, and the SERVER steps of data.preprocess_federated and
-common.federated_metrics, each site's part asked for by a message (statistics in, decisions out):
+seed from the run config, and the SERVER steps of federated.preprocess_federated and
+federated.federated_metrics, each site's part asked for by a message (statistics in, decisions out):
 no cell, no embedding and no per-cell label ever reaches the server.
 
 Run config (pyproject.toml): method, rounds, seed, lr-schedule, args (any other option of the method
@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsc_flower.records import DEFAULTS, SiteError, args_to_text, config, method_module, pack, pack_state, repo, unpack, unpack_state
 
-N_INIT, MAX_ITER = 10, 300  # common.federated_kmeans' restarts and federated_lloyd's iterations
+N_INIT, MAX_ITER = 10, 300  # federated.federated_kmeans' restarts and federated_lloyd's iterations
 BISECT_DEPTH = 12            # levels of the median's bisection asked for in one message (4095 thresholds)
 
 
@@ -51,6 +51,7 @@ class Sites:
                 err = r.content["error"]
                 if "diverged" in err:
                     import common
+                    import cli, federated, formats, runs
                     raise common.Diverged(err["diverged"])
                 raise SiteError(err["error"])
             out.append(r.content)
@@ -69,6 +70,7 @@ def wait_for_sites(grid, n, timeout):
 def make_args(run_config, n_sites):
     """The method's Args from the run config, checked as the scripts check their command line."""
     import common
+    import cli, federated, formats, runs
     mod = method_module(run_config["method"])
     argv = ["--data", str(run_config["data"]), "--rounds", str(run_config["rounds"]), "--seed", str(run_config["seed"]),
             "--lr-schedule", str(run_config["lr-schedule"])] + shlex.split(str(run_config["args"]))
@@ -78,16 +80,17 @@ def make_args(run_config, n_sites):
         raise SiteError(f"run config: bad options {' '.join(argv)}") from None
     args.clients, args.preprocess, args.evaluate = n_sites, "federated", "federated"
     args.out = os.path.join(str(run_config["out-dir"]), "results.csv")
-    common.check_args(args)
+    cli.check_args(args)
     return mod, args
 
 
 # ---------------------------------------------------------------------------------------------
-# Preprocessing: data.preprocess_federated's SERVER steps
+# Preprocessing: federated.preprocess_federated's SERVER steps
 # ---------------------------------------------------------------------------------------------
 def match_sites(sites, args, hello):
     """load_sites' rules: genes matched by name (their intersection, in the first site's order)."""
     import data as D
+    import cli, federated, formats, runs
     by_file = [h["name"] != "" for h in hello]
     if any(by_file) and not all(by_file):
         raise SiteError("some SuperNodes have node config data-path and others not; give every site its file")
@@ -121,9 +124,10 @@ def match_sites(sites, args, hello):
 
 
 def median_library_size(sites, genes, n, hi):
-    """data.federated_kth, unchanged, for the median; each message asks the sites for the next
+    """federated.federated_kth, unchanged, for the median; each message asks the sites for the next
     BISECT_DEPTH levels of the bisection at once (a cache: the answers are the same counts)."""
     import data as D
+    import cli, federated, formats, runs
     cache = {}
 
     def kth(k):
@@ -151,7 +155,7 @@ def median_library_size(sites, genes, n, hi):
             return cache[t][0]
 
         others = [lambda t, i=i: cache[t][i] for i in range(1, len(sites.nodes))]
-        return D.federated_kth([first_site] + others, k, hi)
+        return federated.federated_kth([first_site] + others, k, hi)
 
     median = kth((n + 1) // 2)
     if n % 2 == 0:
@@ -160,8 +164,9 @@ def median_library_size(sites, genes, n, hi):
 
 
 def preprocess(sites, args):
-    """data.preprocess_federated, its SITE steps on the sites: returns the number of HVGs."""
+    """federated.preprocess_federated, its SITE steps on the sites: returns the number of HVGs."""
     import data as D
+    import cli, federated, formats, runs
     replies = sites.ask("totals")
     labelled = ["labels" in r["reply"] for r in replies]
     if any(labelled) and not all(labelled):
@@ -178,11 +183,11 @@ def preprocess(sites, args):
     hi = int(sum(t.sum() for t in totals))  # an aggregate bound: the sum of all counts
     median = median_library_size(sites, kept, n, hi)
     replies = sites.ask("moments", arrays=kept, median=float(median))
-    n_all, mean, m2 = D.merge_moments([(int(r["reply"]["n"]), *(unpack(r["arrays"])[k] for k in ("mean", "m2"))) for r in replies])
+    n_all, mean, m2 = federated.merge_moments([(int(r["reply"]["n"]), *(unpack(r["arrays"])[k] for k in ("mean", "m2"))) for r in replies])
     hvg = D.hvg_from_moments(mean, m2 / (n_all - 1), args.n_genes)
     with_hvg = pack({"genes": genes, "hvg": hvg})
     replies = sites.ask("log_moments", arrays=with_hvg, median=float(median))
-    _, mean, m2 = D.merge_moments([(int(r["reply"]["n"]), *(unpack(r["arrays"])[k] for k in ("mean", "m2"))) for r in replies])
+    _, mean, m2 = federated.merge_moments([(int(r["reply"]["n"]), *(unpack(r["arrays"])[k] for k in ("mean", "m2"))) for r in replies])
     std = np.sqrt(m2 / (n_all - 1))
     std[std == 0] = 1
     replies = sites.ask("scale", arrays=pack({"genes": genes, "hvg": hvg, "mean": mean, "std": std}), median=float(median))
@@ -192,22 +197,23 @@ def preprocess(sites, args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation: common.recompute_bn, federated_kmeans / federated_lloyd / federated_metrics' SERVER steps
+# Evaluation: federated.recompute_bn, federated_kmeans / federated_lloyd / federated_metrics' SERVER steps
 # ---------------------------------------------------------------------------------------------
 def recompute_bn(sites, global_state):
-    """--bn-stats recompute (common.recompute_bn): for each BatchNorm layer of the online encoder, in
+    """--bn-stats recompute (federated.recompute_bn): for each BatchNorm layer of the online encoder, in
     order, the sites send per-feature (n, sum, sum of squares) of its input under the encoder as
     recomputed so far; the server merges them into the layer's running mean and variance. The
     layers are read off the state's keys (a BatchNorm layer is what has a running mean), in the
     order the encoder's modules were registered, which is the order of its forward pass."""
     import torch
     import common
+    import cli, federated, formats, runs
     state = {k: v.clone() for k, v in global_state["online"].items()}
     for name in [k[: -len(".running_mean")] for k in state if k.endswith(".running_mean")]:
         replies = sites.ask("bn_moments", arrays=pack_state({"online": state}), layer=name)
         parts = [(int(r["reply"]["n"]), torch.from_numpy(p["sum"]), torch.from_numpy(p["sumsq"]))
                  for r in replies for p in [unpack(r["arrays"])]]
-        mean, var = common.merge_bn_moments(parts)
+        mean, var = federated.merge_bn_moments(parts)
         state[f"{name}.running_mean"] = mean.to(state[f"{name}.running_mean"].dtype)
         state[f"{name}.running_var"] = var.to(state[f"{name}.running_var"].dtype)
     return {**global_state, "online": state}
@@ -218,11 +224,12 @@ def evaluate(sites, args, global_state, k, label_names, run):
     one message serves every restart still running), ARI/NMI from the summed contingency table,
     Calinski-Harabasz from sums, the simplified silhouette; the sites write their own cells."""
     import common
+    import cli, federated, formats, runs
     from sklearn.cluster import kmeans_plusplus
     replies = sites.ask("embed", arrays=pack_state(global_state), k=k)
     parts = [unpack(r["arrays"]) for r in replies]
     scatter = [(int(r["reply"]["n"]), p["mean"], p["scatter"]) for r, p in zip(replies, parts)]
-    out = {"erank": common.rank_from_scatter(common.merge_scatter(scatter)[2])}
+    out = {"erank": federated.rank_from_scatter(federated.merge_scatter(scatter)[2])}
     local = np.concatenate([p["centroids"] for p in parts])
     weights = np.concatenate([p["sizes"] for p in parts]).astype(float)
     rng = np.random.RandomState(args.seed)
@@ -255,7 +262,7 @@ def evaluate(sites, args, global_state, k, label_names, run):
     fin = [unpack(r["arrays"]) for r in replies]
     n = sum(s[0] for s in scatter)
     if label_names is not None:
-        out["ari"], out["nmi"] = common.scores_from_contingency(sum(f["table"] for f in fin))
+        out["ari"], out["nmi"] = federated.scores_from_contingency(sum(f["table"] for f in fin))
     counts = sum(f["counts"] for f in fin)
     mean = sum(p["sum"] for p in parts) / n
     c = cent[best]
@@ -271,6 +278,7 @@ def evaluate(sites, args, global_state, k, label_names, run):
 def run(grid, run_config):
     import torch
     import common
+    import cli, federated, formats, runs
     import data as D
     t_start = time.time()
     torch.set_num_threads(1)
@@ -284,7 +292,7 @@ def run(grid, run_config):
                                                      str(hello[i]["name"]), nodes[i]))
     sites.nodes, hello = [nodes[i] for i in order], [hello[i] for i in order]
     shared = match_sites(sites, args, hello)
-    args.code = common.code_hash(sys.modules[mod.__name__].__file__)
+    args.code = runs.code_hash(sys.modules[mod.__name__].__file__)
     sites.base = dict(base, args=args_to_text(args), **({} if shared is None else {"genes": shared}))
     print(f"config {json.dumps(vars(args))}", flush=True)
     n_genes, label_names = preprocess(sites, args)
@@ -309,7 +317,7 @@ def run(grid, run_config):
         print(line + f"  {time.time() - t0:.2f}s", flush=True)
     seconds = time.time() - t_train
     print(f"trained {args.rounds} rounds in {seconds:.1f}s", flush=True)
-    folder = common.run_folder(args)
+    folder = runs.run_folder(args)
     name = os.path.basename(folder)
     metrics, files = {}, []
     if run_config["evaluate"]:
@@ -319,13 +327,13 @@ def run(grid, run_config):
         metrics, files = evaluate(sites, args, state, k, label_names, name)
         print("final  " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f"  time {time.time() - t_start:.1f}s", flush=True)
     import pandas as pd
-    D.write_atomic(os.path.join(folder, "global.pt"), lambda tmp: torch.save(global_state, tmp))
-    D.write_atomic(os.path.join(folder, "rounds.csv"), lambda tmp: pd.DataFrame(log).to_csv(tmp, index=False))
+    formats.write_atomic(os.path.join(folder, "global.pt"), lambda tmp: torch.save(global_state, tmp))
+    formats.write_atomic(os.path.join(folder, "rounds.csv"), lambda tmp: pd.DataFrame(log).to_csv(tmp, index=False))
     row = {**vars(args), **metrics, "status": "ok", "seconds": round(time.time() - t_start, 2),
-           "train_seconds": round(seconds, 2), "torch": torch.__version__, "commit": common.git_commit(),
-           "config_id": common.config_id(args), "run": name, "runtime": "flower", "site_files": json.dumps(files)}
-    D.write_atomic(os.path.join(folder, "result.json"), lambda tmp: json.dump(row, open(tmp, "w"), indent=1))
-    common.append_row(args.out, row)
+           "train_seconds": round(seconds, 2), "torch": torch.__version__, "commit": runs.git_commit(),
+           "config_id": runs.config_id(args), "run": name, "runtime": "flower", "site_files": json.dumps(files)}
+    formats.write_atomic(os.path.join(folder, "result.json"), lambda tmp: json.dump(row, open(tmp, "w"), indent=1))
+    runs.append_row(args.out, row)
     print(f"wrote a row to {args.out} and the run's files to {folder}"
           + (f"; each site wrote its own cells: {', '.join(files)}" if files else ""), flush=True)
     return metrics
