@@ -1,4 +1,4 @@
-"""Runs the experiments and builds the tables, figures and README results from their CSVs.
+"""Runs the experiments and builds the tables, figures and docs/README results from their CSVs.
 
     python benchmark.py [EXPERIMENT ...] [--seeds 0 1 2] [--jobs N] [--quick] [--tables-only]
 
@@ -29,7 +29,10 @@ import time
 import numpy as np
 import pandas as pd
 
+import cli
 import common
+import formats
+import runs
 import data as D
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -67,7 +70,7 @@ CENTRAL = [("PCA-50 + KMeans (centralized)", "centralized.py", ["--baseline", "p
 
 def recipes():
     """The recipes Table 1 shows: the tuned one once `tune` has written recipes.json."""
-    return ("paper", "tuned") if os.path.exists(common.RECIPES) else ("paper",)
+    return ("paper", "tuned") if os.path.exists(cli.RECIPES) else ("paper",)
 
 
 def pipeline_argv(ds, prep, extra):
@@ -112,10 +115,15 @@ T2_ROWS = [((1, 0, 0), ["--no-ema", "--no-sg"]), ((1, 1, 0), ["--no-sg"]), ((1, 
 # non-IID column is Table 1's own runs (SHARED_ROWS), not new ones.
 SPLITS = [("non-IID (Table 1)", []), ("IID, 4 clients", ["--partition", "iid"]),
           ("one client", ["--clients", "1", "--partition", "iid"])]
-EXPERIMENTS = ("tune", "mu", "federated", "table1", "split", "table2", "table3", "fig3")
+EXPERIMENTS = ("tune", "mu", "federated", "class", "table1", "split", "table2", "table3", "fig3")
+# `bash run_all.sh` with no experiment: the class table. `paper`: the paper's full protocol.
+GROUPS = {"paper": ["table1", "table2", "table3", "fig3"]}
+# The class table: every method's tuned recipe and the centralized references (not the 300-round
+# one-client SimCLR) on the three datasets; its runs are Table 1's, so either CSV serves both.
+CLASS_REFS = [c for c in CENTRAL if c[1] == "centralized.py"]
 # An experiment whose runs may already have a row in another experiment's CSV: such a run is reused,
 # not run again, and its table reads both CSVs.
-SHARED_ROWS = {"split": ["table1"]}
+SHARED_ROWS = {"split": ["table1"], "class": ["table1"], "table1": ["class"]}
 # Runs an experiment's table may show as pending: Table 1's paper-recipe rows, the one-client SimCLR
 # row included (300 rounds each, about 12 CPU-hours in all), are published as "pending" until their
 # seeds are all in, once every tuned and centralized row is complete. Any other missing run keeps a
@@ -193,6 +201,11 @@ def plan(experiment, seeds):
             for label, script, extra in CENTRAL:
                 runs += [((label, "", ds), script, ["--data", ds] + extra, s) for s in seeds]
         runs.sort(key=lambda run: PENDING["table1"] in " ".join(run[2]))  # stable: the pending runs last
+    elif experiment == "class":
+        for ds in T1_DATASETS:
+            runs += [((label, "tuned", ds), script, ["--data", ds, "--recipe", "tuned"] + extra, s)
+                     for label, script, extra in FED for s in seeds]
+            runs += [((label, "", ds), script, ["--data", ds] + extra, s) for label, script, extra in CLASS_REFS for s in seeds]
     elif experiment == "split":
         for ds in T1_DATASETS:
             for label, script, extra in FED:
@@ -227,7 +240,7 @@ def resolved(script, argv):
     """The method file's own argument parsing and resolution, so the match is on what the run
     would record: every argument, the data file's sha256 and the code hash."""
     mod = importlib.import_module(script[:-3])
-    return common.resolve(common.parse_args(mod.Args, argv), os.path.join(ROOT, script))
+    return cli.resolve(common.parse_args(mod.Args, argv), os.path.join(ROOT, script))
 
 
 def matching(df, args):
@@ -251,7 +264,7 @@ def matching(df, args):
 
 def all_rows(results, experiments=EXPERIMENTS):
     """Rows of the experiment CSVs that benchmark.py writes (never runs.csv or other ad-hoc files)."""
-    frames = [pd.read_csv(os.path.join(results, f"{e}.csv"), float_precision="round_trip", dtype=common.TEXT_COLUMNS)
+    frames = [pd.read_csv(os.path.join(results, f"{e}.csv"), float_precision="round_trip", dtype=runs.TEXT_COLUMNS)
               for e in experiments
               if os.path.exists(os.path.join(results, f"{e}.csv"))]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -272,6 +285,7 @@ def execute(experiments, seeds, jobs, results, overrides, match=()):
     `match`, when given). Ctrl-C stops the runs under way and says what finished; their rows are not written (a
     row is the last thing a run writes)."""
     failed = 0
+    estimate(experiments, seeds, jobs, results, overrides, match)
     for exp in experiments:
         df, todo, seen, skipped = experiment_rows(results, exp), [], set(), 0  # the rows its table uses
         for label, script, argv, seed in plan(exp, seeds):
@@ -279,7 +293,7 @@ def execute(experiments, seeds, jobs, results, overrides, match=()):
                 continue
             full = full_argv(exp, script, argv, seed, results, overrides)
             args = resolved(script, full)
-            cid = common.config_id(args)
+            cid = runs.config_id(args)
             if len(matching(df, args)):
                 skipped += 1
             elif cid not in seen:
@@ -290,6 +304,52 @@ def execute(experiments, seeds, jobs, results, overrides, match=()):
         if exp == "tune" and not overrides:
             write_recipes(all_rows(results, ["tune"]), seeds)
     return failed
+
+
+def to_do(exp, seeds, results, overrides, match=()):
+    """The runs of exp that have no row yet (one per config)."""
+    df, todo, seen = experiment_rows(results, exp), [], set()
+    for label, script, argv, seed in plan(exp, seeds):
+        if not all(m in " ".join([script] + argv) for m in match):
+            continue
+        args = resolved(script, full_argv(exp, script, argv, seed, results, overrides))
+        cid = runs.config_id(args)
+        if not len(matching(df, args)) and cid not in seen:
+            seen.add(cid)
+            todo.append((script, args))
+    return todo
+
+
+def run_cost(script, args, known):
+    """Estimated seconds of one run (one torch thread): the mean of finished rows of the same script,
+    data and options but seed and schedule, scaled by rounds x local epochs; else of the same script
+    and data."""
+    same = known[(known.get("method", "") == args.method) & (known.get("data", "") == args.data)]
+    if "baseline" in vars(args):
+        same = same[same.get("baseline", pd.Series("", index=same.index)).astype(str) == args.baseline]
+    if not len(same):
+        return np.nan
+    if hasattr(args, "rounds") and "rounds" in same:
+        work = pd.to_numeric(same["rounds"], errors="coerce") * pd.to_numeric(same["local_epochs"], errors="coerce")
+        per = (same["seconds"] / work).dropna()
+        return float(per.median() * args.rounds * args.local_epochs) if len(per) else np.nan
+    return float(same["seconds"].median())
+
+
+def estimate(experiments, seeds, jobs, results, overrides, match=()):
+    """Print, per experiment, the runs still to do and their estimated cost from the rows' timings."""
+    known = all_rows(results)
+    total = 0.0
+    for exp in experiments:
+        todo = to_do(exp, seeds, results, overrides, match)
+        cost = [run_cost(script, args, known) if len(known) else np.nan for script, args in todo]
+        est = float(np.nansum(cost)) + 60 * float(np.isnan(cost).sum())  # a run of unknown cost: a minute
+        total += est
+        print(f"plan: {exp}: {len(todo)} runs to do, ~{est / 3600:.1f} CPU-hours"
+              + (f" ({int(np.isnan(cost).sum())} without a timing, counted as a minute)" if np.isnan(cost).any() else ""),
+              flush=True)
+    print(f"plan: in all ~{total / 3600:.1f} CPU-hours, ~{total / 3600 / jobs:.1f} h of wall time with {jobs} jobs "
+          f"(from the timings of the finished rows)", flush=True)
 
 
 def _interrupt(signum, frame):
@@ -466,8 +526,8 @@ def write_recipes(df, seeds):
            "grid": {"lr": list(TUNE_LRS), "rounds x local_epochs": [list(x) for x in TUNE_SCHEDULES],
                     "bn_stats": list(TUNE_BN), "predictor or temperature": {k: list(v[1]) for k, v in TUNE_AXIS.items()}},
            "recipes": chosen}
-    D.write_atomic(common.RECIPES, lambda tmp: json.dump(doc, open(tmp, "w"), indent=1))
-    print(f"wrote {common.RECIPES}: {chosen}", flush=True)
+    formats.write_atomic(cli.RECIPES, lambda tmp: json.dump(doc, open(tmp, "w"), indent=1))
+    print(f"wrote {cli.RECIPES}: {chosen}", flush=True)
 
 
 def mu_table(df, seeds, overrides, missing, results):
@@ -528,6 +588,18 @@ def split_table(df, seeds, overrides, missing):
     return "\n".join(out)
 
 
+def class_table(df, seeds, overrides, missing):
+    """One row per method (tuned recipe) and reference: ARI, mean ± std over the seeds, per dataset."""
+    out = ["| method | recipe |" + "".join(f" {SHORT[ds]} ARI |" for ds in T1_DATASETS) + " s/run |",
+           "|" + "---|" * (3 + len(T1_DATASETS))]
+    for label, script, extra in [(l, s, e + ["--recipe", "tuned"]) for l, s, e in FED] + CLASS_REFS:
+        rr = [rows_for(df, script, ["--data", ds] + extra, seeds, overrides, missing) for ds in T1_DATASETS]
+        recipe = recipe_text(script, ["--data", DATASETS[0]] + extra) if "tuned" in extra else "–"
+        out.append(f"| {label} | {recipe} |" + "".join(f" {cell(r, 'ari')} |" for r in rr)
+                   + f" {' / '.join(secs(r) for r in rr)} |")
+    return "\n".join(out)
+
+
 def table2(df, seeds, overrides, missing):
     mark = {1: "✓", 0: "✗"}
     out = ["| predictor | EMA | stop-grad | ARI | NMI | Sil | paper ARI / NMI / Sil | s/run |", "|" + "---|" * 8]
@@ -556,7 +628,9 @@ def fig3_table(df, seeds, overrides, missing):
     return "\n".join(out)
 
 
-TITLES = {"tune": f"Tuning grid: ARI on 10X PBMC, mean ± std over seeds {', '.join(map(str, TUNE_SEEDS))}; "
+TITLES = {"class": "ARI (%) of every method's tuned recipe on the paper's non-IID split (4 clients), "
+                   "and centralized references; mean ± std over seeds 0, 1, 2",
+          "tune": f"Tuning grid: ARI on 10X PBMC, mean ± std over seeds {', '.join(map(str, TUNE_SEEDS))}; "
                   "the best mean per method (bold) is its tuned recipe",
           "mu": "FedSC's download rule: ARI and mu over the rounds (10X PBMC, 50 rounds x 5 local epochs, BN statistics recomputed; mean ± std over the seeds; mu means over the clients and seeds)",
           "federated": "Nothing but aggregates leaves a site: pooled vs federated preprocessing and evaluation "
@@ -575,7 +649,7 @@ def build(exp, df, seeds, overrides, results):
     if exp == "mu":
         md = mu_table(df, seeds, overrides, missing, results)
     else:
-        md = {"tune": tune_table, "federated": federated_table, "table1": table1, "split": split_table, "table2": table2, "table3": table3,
+        md = {"class": class_table, "tune": tune_table, "federated": federated_table, "table1": table1, "split": split_table, "table2": table2, "table3": table3,
               "fig3": fig3_table}[exp](df, seeds, overrides, missing)
     return md, missing
 
@@ -606,7 +680,8 @@ def write_tables(experiments, seeds, results, overrides, publish, verbose=True):
         df = experiment_rows(results, exp)
         md, missing = build(exp, df, seeds, overrides, results)
         if verbose:
-            print(f"\n{TITLES[exp]}\n\n{md}", flush=True)
+            quick = f" [QUICK: {' '.join(overrides)}, seeds {' '.join(map(str, seeds))}; not the tables' protocol]" if overrides else ""
+            print(f"\n{TITLES[exp]}{quick}\n\n{md}", flush=True)
         pending = pending_runs(exp, missing)
         found = [matching(df, resolved(script, full_argv(exp, script, argv, s, results, overrides)))
                  for _, script, argv, s in plan(exp, seeds)] if len(missing) == len(pending) else []
@@ -632,28 +707,38 @@ def write_tables(experiments, seeds, results, overrides, publish, verbose=True):
 
 
 def readme_block(name, body, source):
-    """Replace the README's block between <!-- name:start --> and <!-- name:end --> (atomically)."""
-    path = os.path.join(ROOT, "README.md")
-    text = open(path).read()
+    """Replace the block between <!-- name:start --> and <!-- name:end --> in README.md or the docs/
+    page that holds it (atomically); links to results/ are made relative to that page."""
+    docs = os.path.join(ROOT, "docs")
+    pages = [os.path.join(ROOT, "README.md")] + sorted(
+        os.path.join(docs, p) for p in (os.listdir(docs) if os.path.isdir(docs) else []) if p.endswith(".md"))
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    if start not in text or end not in text:
-        print(f"README.md has no {name} markers; left it alone", flush=True)
+    path = next((p for p in pages if start in open(p).read() and end in open(p).read()), None)
+    if path is None:
+        print(f"README.md and docs/ have no {name} markers; left them alone", flush=True)
         return
+    text = open(path).read()
+    if os.path.dirname(path) != ROOT:
+        body = body.replace("](results/", "](../results/")
     block = f"{start}\n<!-- written by {source}; do not edit by hand -->\n\n{body}\n{end}"
     text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    D.write_atomic(path, lambda tmp: open(tmp, "w").write(text))
-    print(f"README.md {name} section updated", flush=True)
+    formats.write_atomic(path, lambda tmp: open(tmp, "w").write(text))
+    print(f"{os.path.relpath(path, ROOT)} {name} section updated", flush=True)
 
 
 def publish(name, md, source, readme=None):
     """results/<name>.md gets md; the README's <name> block gets readme (default: md)."""
     os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
-    D.write_atomic(os.path.join(ROOT, "results", f"{name}.md"), lambda tmp: open(tmp, "w").write(md + "\n"))
+    formats.write_atomic(os.path.join(ROOT, "results", f"{name}.md"), lambda tmp: open(tmp, "w").write(md + "\n"))
     readme_block(name, md if readme is None else readme, source)
 
 
 def update_readme(tables):
-    """The README's results block: every complete generated table, and the Table 1 figure."""
+    """docs/results.md's results block: every complete generated table, and the Table 1 figure; the
+    README's class block: the class table."""
+    if "class" in tables:
+        md, note = tables["class"]
+        readme_block("class", f"**{TITLES['class']}**\n\n{md}\n\n{note}", "benchmark.py from results/*.csv")
     body = "\n\n".join(f"**{TITLES[k]}**\n\n{md}\n\n{note}" for k, (md, note) in tables.items())
     figs = [f for f in ("table1.png",) if os.path.exists(os.path.join(ROOT, "results", "figures", f))]
     body += "".join(f"\n\n![{f[:-4]}](results/figures/{f})" for f in figs)
@@ -669,7 +754,7 @@ def figure(results, seeds):
     except ImportError:
         print("matplotlib is not installed: no figure (pip install matplotlib)", flush=True)
         return
-    df = all_rows(results, ["table1"])
+    df = experiment_rows(results, "table1")
     fig, axes = plt.subplots(1, len(T1_DATASETS), figsize=(22, 4.2))
     for ax, ds in zip(axes, T1_DATASETS):
         labels, means, stds, paper = [], [], [], []
@@ -695,8 +780,16 @@ def figure(results, seeds):
 
 
 def main():
+    if sys.argv[1:2] == ["rehash"]:  # verified re-stamp of the rows after a refactor (rehash.py)
+        import rehash
+        sys.exit(rehash.main(sys.argv[2:]))
+    if sys.argv[1:2] == ["readme"]:  # the README's reading-order and first-run blocks
+        import readme
+        sys.exit(readme.main(sys.argv[2:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiments", nargs="*", default=["table1"], help=" ".join(EXPERIMENTS))
+    p.add_argument("experiments", nargs="*", default=["class"],
+                   help=" ".join(EXPERIMENTS) + "; paper = " + " ".join(GROUPS["paper"]) + " (default: class)")
+    p.add_argument("--plan", action="store_true", help="print what would run and its estimated cost, run nothing")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each")
     p.add_argument("--quick", action="store_true",
@@ -710,6 +803,7 @@ def main():
     a = p.parse_args()
     if a.jobs < 1:
         p.error(f"--jobs must be at least 1, got {a.jobs}")
+    a.experiments = [x for e in a.experiments for x in GROUPS.get(e, [e])]
     for e in a.experiments:
         if e not in EXPERIMENTS:
             p.error(f"unknown experiment '{e}': use {', '.join(EXPERIMENTS)}")
@@ -719,6 +813,9 @@ def main():
         a.seeds = a.seeds if a.seeds != [0, 1, 2] else [0]
     experiments = [e for e in EXPERIMENTS if e in a.experiments]  # tune before the tables that use it
     with common.user_errors():
+        if a.plan:
+            estimate(experiments, a.seeds, a.jobs, results, overrides, a.match)
+            return
         failed = 0 if a.tables_only else execute(experiments, a.seeds, a.jobs, results, overrides, a.match)
         publish = not a.quick and results == os.path.join(ROOT, "results") and a.seeds == [0, 1, 2]
         complete = write_tables(experiments, a.seeds, results, overrides, publish)

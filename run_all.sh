@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Regenerates the tables from scratch, or resumes: a run whose arguments, data and code are
 # unchanged since its row was written is not run again.
-#   bash run_all.sh                       # Table 1, 3 seeds, full protocol, 2 runs at a time
-#   bash run_all.sh table1 table2 table3  # the paper's tables (fig3 on request: it is long)
-#   bash run_all.sh tune table1           # the tuning grid on 10X PBMC (writes recipes.json), then
-#                                         # Table 1 with the paper's and the tuned recipe
-#   bash run_all.sh mu                    # FedSC's download rules, mu over the rounds
-#   bash run_all.sh split                 # each tuned recipe non-IID (Table 1's runs), IID, one client
-#   bash run_all.sh --quick               # every Table 1 row, 3 rounds, one seed (printed only)
+#   bash run_all.sh                       # the class table: every tuned recipe and the centralized
+#                                         # references, 3 datasets x 3 seeds, 2 runs at a time
+#   bash run_all.sh paper                 # the paper's protocol: Table 1's paper-recipe rows, Tables 2
+#                                         # and 3, Figure 3 (`bash run_all.sh paper --plan`: its cost)
+#   bash run_all.sh tune table1           # the tuning grid on 10X PBMC (writes recipes.json), then Table 1
+#   bash run_all.sh mu split federated    # FedSC's download rules; what the split costs; pooled vs federated
+#   bash run_all.sh --quick               # every class-table row, 3 rounds, one seed (printed only)
+#   bash run_all.sh --plan                # what would run and its estimated cost; runs nothing
 #   bash run_all.sh --jobs 1 --seeds 0    # options: see python benchmark.py --help
-# Rows go to results/<experiment>.csv, logs to results/logs/, tables to results/<experiment>.md
-# and the README (complete tables only; Table 1 also with its paper-recipe rows pending). Ctrl-C
-# stops every run and says what finished.
+# Rows go to results/<experiment>.csv, logs to results/logs/, tables to results/<experiment>.md,
+# docs/results.md and the README's class table (complete tables only). Ctrl-C stops every run and
+# says what finished.
 set -euo pipefail
 cd "$(dirname "$0")"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
