@@ -19,6 +19,7 @@ with those defaults, so they reproduce the old behaviour).
 import argparse
 import concurrent.futures
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -123,6 +124,23 @@ def fingerprint(tree, runs, inputs, work, jobs=2):
         return dict(pool.map(one, runs))
 
 
+def cached_fingerprint(commit, tree, runs, inputs, work, jobs):
+    """fingerprint() of a commit's code, kept in results/logs/rehash/ (with the torch version and the
+    suite's inputs in the key): a second re-stamp against the same commits reruns nothing."""
+    import torch
+    key = hashlib.sha256(json.dumps([commit, torch.__version__, sorted(r[0] for r in runs),
+                                     {k: _sha(v) for k, v in sorted(inputs.items())},
+                                     os.environ.get("FEDSC_DATA_DIR", "./data")]).encode()).hexdigest()[:16]
+    path = os.path.join(ROOT, "results", "logs", "rehash", f"{commit}-{key}.json")
+    if os.path.exists(path):
+        print(f"rehash: the fingerprints of {commit} are cached ({os.path.relpath(path, ROOT)})", flush=True)
+        return json.load(open(path))
+    got = fingerprint(tree, runs, inputs, work, jobs)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    json.dump(got, open(path, "w"), indent=1)
+    return got
+
+
 def differences(old, new):
     """What moved, per run: exit code, a file's bytes, a row value (values both rows have)."""
     moved = {}
@@ -176,8 +194,8 @@ def main(argv=None):
         runs_ = [r for r in suite(a.suite, os.environ.get("FEDSC_DATA_DIR", "./data")) if r[1] in scripts]
         inputs = make_inputs(tmp)
         print(f"rehash: {len(runs_)} fingerprint runs of {', '.join(scripts)}, under {base} and under {head}", flush=True)
-        old = fingerprint(tree, runs_, inputs, os.path.join(tmp, "old"), a.jobs)
-        new = fingerprint(ROOT, runs_, inputs, os.path.join(tmp, "new"), a.jobs)
+        old = cached_fingerprint(base, tree, runs_, inputs, os.path.join(tmp, "old"), a.jobs)
+        new = cached_fingerprint(head, ROOT, runs_, inputs, os.path.join(tmp, "new"), a.jobs)
         moved = differences(old, new)
         print(f"rehash: {len(runs_) - len(moved)} of {len(runs_)} fingerprints bit-identical", flush=True)
         refused = sorted({s for n, _ in moved.items() for r in runs_ if r[0] == n for s in [r[1]]}
