@@ -120,7 +120,8 @@ EXPERIMENTS = ("tune", "mu", "federated", "class", "table1", "split", "table2", 
 GROUPS = {"paper": ["table1", "table2", "table3", "fig3"]}
 # The class table: every method's tuned recipe and the centralized references (not the 300-round
 # one-client SimCLR) on the three datasets; its runs are Table 1's, so either CSV serves both.
-CLASS_REFS = [c for c in CENTRAL if c[1] == "centralized.py"]
+FED_EXACT = [("FedPCA-50 (exact, federated)", "fedpca.py", [])]  # no SGD: PCA from the sites' moments
+CLASS_REFS = FED_EXACT + [c for c in CENTRAL if c[1] == "centralized.py"]
 # An experiment whose runs may already have a row in another experiment's CSV: such a run is reused,
 # not run again, and its table reads both CSVs.
 SHARED_ROWS = {"split": ["table1"], "class": ["table1"], "table1": ["class"]}
@@ -198,7 +199,7 @@ def plan(experiment, seeds):
                 for label, script, extra in FED:
                     runs += [((label, recipe_, ds), script, ["--data", ds, "--recipe", recipe_] + extra, s) for s in seeds]
         for ds in T1_DATASETS:
-            for label, script, extra in CENTRAL:
+            for label, script, extra in FED_EXACT + CENTRAL:
                 runs += [((label, "", ds), script, ["--data", ds] + extra, s) for s in seeds]
         runs.sort(key=lambda run: PENDING["table1"] in " ".join(run[2]))  # stable: the pending runs last
     elif experiment == "class":
@@ -462,7 +463,7 @@ def table1(df, seeds, overrides, missing):
     for i, ds in enumerate(T1_DATASETS):
         head += f" {SHORT[ds]} ARI | NMI | Sil |" + (" paper ARI / NMI / Sil |" if i < 2 else "")
     out = [head + " s/run |", "|" + "---|" * head.count("|")]
-    rows = [(l, s, e, rc) for l, s, e in FED for rc in recipes()] + [(l, s, e, None) for l, s, e in CENTRAL]
+    rows = [(l, s, e, rc) for l, s, e in FED for rc in recipes()] + [(l, s, e, None) for l, s, e in FED_EXACT + CENTRAL]
     for label, script, extra, recipe in rows:
         extra = extra + (["--recipe", recipe] if recipe else [])
         pending_row = PENDING["table1"] in " ".join(extra)
@@ -758,7 +759,7 @@ def figure(results, seeds):
     fig, axes = plt.subplots(1, len(T1_DATASETS), figsize=(22, 4.2))
     for ax, ds in zip(axes, T1_DATASETS):
         labels, means, stds, paper = [], [], [], []
-        for label, script, extra in [(l, s, e + ["--recipe", rc]) for l, s, e in FED for rc in recipes()] + CENTRAL:
+        for label, script, extra in [(l, s, e + ["--recipe", rc]) for l, s, e in FED for rc in recipes()] + FED_EXACT + CENTRAL:
             r = rows_for(df, script, ["--data", ds] + extra, seeds, [], Missing())
             if len(r) == len(seeds) and "ari" in r:  # a pending row (partial seed set) is not drawn
                 tag = " (tuned)" if "tuned" in extra else ""

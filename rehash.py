@@ -27,7 +27,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ("fedsc.py", "fedbyol.py", "fedsimclr.py", "fedmoco.py", "fedsimsiam.py", "centralized.py")
+SCRIPTS = ("fedsc.py", "fedbyol.py", "fedsimclr.py", "fedmoco.py", "fedsimsiam.py", "fedpca.py", "centralized.py")
 SHORT = ["--rounds", "2", "--local-epochs", "1"]
 # What may differ between two runs of the same code: where and when it ran, and the code's own stamps.
 VOLATILE = {"seconds", "commit", "code", "config_id", "run", "out", "threads", "torch", "code_commit", "rehash_verified"}
@@ -55,6 +55,7 @@ def suite(name, data_dir):
              ("fedsimclr-iid1", "fedsimclr.py", syn + SHORT + ["--partition", "iid", "--clients", "1"]),
              ("fedbyol-threads", "fedbyol.py", syn + SHORT + ["--threads", "2", "--lr-schedule", "constant"]),
              ("fedsc-sites", "fedsc.py", ["--sites", "{site0}", "{site1}"] + SHORT),
+             ("fedpca-sites", "fedpca.py", ["--sites", "{site0}", "{site1}", "--evaluate", "both"]),
              ("pca_raw", "centralized.py", syn + ["--baseline", "pca_raw"]),
              ("csc", "centralized.py", syn + ["--baseline", "csc", "--epochs", "2"])]
     bench = {"10X_PBMC": "10X_PBMC_top2000.h5", "mouse_bladder": "mouse_bladder_cell_top2000.h5",
@@ -67,6 +68,8 @@ def suite(name, data_dir):
             if s == "centralized.py":
                 runs += [(f"{ds}-{b}", s, ["--data", ds, "--baseline", b] + (["--epochs", "2"] if b == "csc" else []))
                          for b in ("pca", "pca_raw", "csc")]
+            elif s == "fedpca.py":
+                runs.append((f"{ds}-fedpca", s, ["--data", ds]))
             else:
                 runs.append((f"{ds}-{s[:-3]}-tuned", s, ["--data", ds, "--recipe", "tuned", "--rounds", "2"]))
         runs.append((f"{ds}-fedsc-paper", "fedsc.py", ["--data", ds] + SHORT))
