@@ -2,7 +2,7 @@
 loop's global weights, bit for bit, and its preprocessing and federated metrics; a real deployment
 (one SuperLink, two SuperNodes, `flwr run`) trains on two site files and each site writes back
 only its own cells. Skipped when flwr is not installed (pip install -r requirements-flower.txt).
-Run: python -m pytest -q test_flower.py"""
+Run: python -m pytest -q tests/test_flower.py"""
 import importlib
 import json
 import os
@@ -20,15 +20,16 @@ import cli
 import common
 import federated
 import data as D
-from test_smoke import _site_files, parse, rows, write_h5
+from helpers import ROOT, parse, rows, site_files, write_h5
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 APP = os.path.join(ROOT, "flower")
 sys.path.insert(0, APP)
 import localhost  # noqa: E402  (the app's folder is on the path above)
 from fedsc_flower import records  # noqa: E402
 
 TINY = "--local-epochs 1 --batch-size 64 --n-genes 100"
+
+
 SIMULATE = """
 import json, sys
 from flwr.simulation import run_simulation
@@ -168,7 +169,7 @@ run_simulation(server_app=server_app.make_app({"rounds": 1, "data": sys.argv[1],
 def test_deployment_one_superlink_two_supernodes_each_site_gets_its_own_cells(tmp_path):
     """flower/localhost.py: a SuperLink and two SuperNodes as separate processes, `flwr run`, polled
     to finished:completed, every process stopped by its PID; each site wrote its own cells only."""
-    a, b, X, y = _site_files(tmp_path)
+    a, b, X, y = site_files(tmp_path)
     nodes = [f'data-path="{path}" out-dir="{tmp_path / name}"' for name, path in (("site_a", a), ("site_b", b))]
     with localhost.deployment(tmp_path / "flower", nodes) as flower:
         status = flower.run(f'rounds=2 min-sites=2 timeout=600 out-dir="{tmp_path / "server"}" args="{TINY}"')
