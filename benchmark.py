@@ -278,7 +278,10 @@ def experiment_rows(results, exp):
 
 
 def full_argv(exp, script, argv, seed, results, overrides):
-    return (argv + ["--seed", str(seed), "--threads", "1", "--out", os.path.join(results, f"{exp}.csv")]
+    out = os.path.join(results, f"{exp}.csv")
+    if os.path.abspath(out).startswith(ROOT + os.sep):  # the rows record where they went: no machine's paths
+        out = os.path.relpath(out, ROOT)
+    return (argv + ["--seed", str(seed), "--threads", "1", "--out", out]
             + applicable(script, overrides))
 
 
