@@ -11,11 +11,13 @@ cell. In process, LocalSites loops over the sites' states; the Flower app (flowe
 questions as messages and each SuperNode calls site_step. Used by --preprocess federated, --sites,
 --bn-stats recompute and --evaluate federated; the default run needs none of it.
 
-    server_preprocess         per-gene totals, median library size by bisection, HVG moments, scaling
-    load_federated, load_sites   split the raw counts first (or read one file per site), then preprocess
-    server_bn                 BatchNorm statistics from the sites' per-feature sums
-    federated_kmeans          KMeans from per-cluster sums (federated_lloyd)
-    server_metrics            --evaluate federated: every metric from per-site aggregates
+    SERVER function     in process               what the sites send
+    server_preprocess   preprocess_federated     per-gene totals, counts of cells below a library size
+                                                 (the median by bisection), per-gene moments
+    server_bn           recompute_bn             per-feature sums of each BatchNorm layer's input
+    server_metrics      federated_metrics        scatter matrices, local centroids, per-cluster sums
+                                                 (federated_kmeans, federated_lloyd), contingency tables
+    load_federated, load_sites: split the raw counts first (or read one file per site), then preprocess
 """
 import numpy as np
 import scipy.sparse as sp
@@ -94,9 +96,9 @@ def site_count(state, thresholds):
     return {"counts": np.searchsorted(np.sort(state["lib"]), thresholds, side="right")}
 
 
-def federated_kth(sites, k, hi, depth=12):
+def federated_kth(sites, k, hi, at_most=None, depth=12):
     """SERVER: the k-th smallest (1-based) library size (integers in [0, hi]) by bisection over site counts."""
-    lo, at_most = 0, {}  # threshold -> how many cells of all sites are <= it
+    lo, at_most = 0, {} if at_most is None else at_most  # threshold -> how many cells of all sites are <= it
     while lo < hi:
         t = (lo + hi) // 2
         if t not in at_most:  # one question: the thresholds of the next `depth` levels of the bisection
@@ -140,9 +142,10 @@ def server_preprocess(sites, n_genes):
     if n < 2 or len(genes) < 2:
         raise D.DataError(f"after removing empty cells/genes only {n} cells x {len(genes)} genes are left")
     hi = int(sum(r["total"] for r in library))  # an aggregate bound: the sum of all counts
-    median = federated_kth(sites, (n + 1) // 2, hi)
+    at_most = {}  # the counts asked for so far: the second bisection of an even n follows the first
+    median = federated_kth(sites, (n + 1) // 2, hi, at_most)
     if n % 2 == 0:
-        median = (median + federated_kth(sites, n // 2 + 1, hi)) / 2
+        median = (median + federated_kth(sites, n // 2 + 1, hi, at_most)) / 2
     n_all, mean, m2 = merge_moments([(r["n"], r["mean"], r["m2"]) for r in sites.ask("hvg_moments", median=median)])
     keep = D.hvg_from_moments(mean, m2 / (n_all - 1), n_genes)
     _, mean, m2 = merge_moments([(r["n"], r["mean"], r["m2"]) for r in sites.ask("log_moments", hvg=keep)])
