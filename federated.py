@@ -1,22 +1,51 @@
-"""Keeping every step at the sites: each federated step as SITE functions (they see one site's
-cells) and SERVER functions (they see only what the sites send: counts, per-gene sums and moments,
-per-feature sums, per-cluster sums and contingency tables; never a row per cell). The in-process
-scripts and the Flower app (flower/) call the same functions. Used by --preprocess federated,
---sites, --bn-stats recompute and --evaluate federated; the default run needs none of it.
+"""Keeping every step at the sites: each federated step as a SERVER function and the SITE functions
+that answer it. The server only ever talks to the sites through one interface,
 
-    preprocess_federated      per-gene totals, median library size by bisection, HVG moments, scaling
-    load_federated, load_sites   split the raw counts first (or read one file per site), then preprocess
-    recompute_bn              BatchNorm statistics from the sites' per-feature sums
-    federated_kmeans          KMeans from per-cluster sums; ARI / NMI from summed contingency tables
-    federated_metrics         --evaluate federated: every metric from per-site aggregates
+    sites.ask(action, **payload) -> one reply per site, in site order
+
+where payload and replies are plain dicts of numpy arrays and numbers. A site answers with
+site_step(state, action, payload), which calls site_<action>(state, **payload) on its own state (a
+dict: its cells, and what it keeps between questions). What crosses is counts, per-gene sums and
+moments, per-feature sums, per-cluster sums and contingency tables; never an array with a row per
+cell. In process, LocalSites loops over the sites' states; the Flower app (flower/) sends the same
+questions as messages and each SuperNode calls site_step. Used by --preprocess federated, --sites,
+--bn-stats recompute and --evaluate federated; the default run needs none of it.
+
+    SERVER function     in process               what the sites send
+    server_preprocess   preprocess_federated     per-gene totals, counts of cells below a library size
+                                                 (the median by bisection), per-gene moments
+    server_bn           recompute_bn             per-feature sums of each BatchNorm layer's input
+    server_metrics      federated_metrics        scatter matrices, local centroids, per-cluster sums
+                                                 (federated_kmeans, federated_lloyd), contingency tables
+    load_federated, load_sites: split the raw counts first (or read one file per site), then preprocess
 """
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.nn as nn
 
 import cli
 import data as D
+
+
+class LocalSites:
+    """The sites interface in process: ask() runs the SITE function on every site's state in turn."""
+
+    def __init__(self, states):
+        self.states = states
+
+    def ask(self, action, **payload):
+        return [site_step(state, action, payload) for state in self.states]
+
+
+SITE_STEPS = ("totals", "library", "count", "hvg_moments", "log_moments", "scale", "bn_moments",
+              "embedding_moments", "local_kmeans", "lloyd", "clusters")
+
+
+def site_step(state, action, payload):
+    """SITE: its reply to the server's question `action` (the function site_<action>), from its own state."""
+    if action not in SITE_STEPS:
+        raise ValueError(f"no site step '{action}'; the steps are {', '.join(SITE_STEPS)}")
+    return globals()[f"site_{action}"](state, **payload)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -24,8 +53,7 @@ import data as D
 # ---------------------------------------------------------------------------------------------
 
 def site_moments(X):
-    """SITE: per-gene (n, mean, M2 = sum of squared deviations) of its cells, two-pass; a sparse
-    matrix stays sparse (its zeros add (0 - mean)^2 each)."""
+    """SITE: per-gene (n, mean, M2 = sum of squared deviations) of its cells (sparse stays sparse)."""
     n = X.shape[0]
     if not sp.issparse(X):
         mean = X.mean(0)
@@ -47,53 +75,93 @@ def merge_moments(parts):
     return n, mean, m2
 
 
-def federated_kth(count_at_most, k, hi):
-    """SERVER: the k-th smallest (1-based) of the sites' integer values in [0, hi], by bisection:
-    each query asks every site only how many of its values are <= t."""
-    lo = 0
+def site_totals(state):
+    """SITE -> SERVER: per-gene totals of its raw counts (rounded up, as data.preprocess does)."""
+    X = state["counts"] = sp.csr_matrix(state["counts"], dtype=np.float64, copy=True)
+    np.ceil(X.data, out=X.data)
+    return {"totals": np.asarray(X.sum(0)).ravel()}
+
+
+def site_library(state, genes):
+    """SITE -> SERVER: its number of non-empty cells over the server's genes and their summed counts."""
+    X = state.pop("counts")[:, genes]
+    state["genes"], state["cells"] = genes, np.flatnonzero(np.asarray(X.sum(1)).ravel() >= 1)
+    state["X"] = X[state["cells"]]
+    state["lib"] = np.asarray(state["X"].sum(1)).ravel()  # the library sizes stay on the site
+    return {"n": len(state["lib"]), "total": state["lib"].sum()}
+
+
+def site_count(state, thresholds):
+    """SITE -> SERVER: for each threshold t, how many of its cells have a library size <= t."""
+    return {"counts": np.searchsorted(np.sort(state["lib"]), thresholds, side="right")}
+
+
+def federated_kth(sites, k, hi, at_most=None, depth=12):
+    """SERVER: the k-th smallest (1-based) library size (integers in [0, hi]) by bisection over site counts."""
+    lo, at_most = 0, {} if at_most is None else at_most  # threshold -> how many cells of all sites are <= it
     while lo < hi:
         t = (lo + hi) // 2
-        if sum(f(t) for f in count_at_most) >= k:
+        if t not in at_most:  # one question: the thresholds of the next `depth` levels of the bisection
+            asked, level = [], [(lo, hi)]
+            for _ in range(depth):
+                level = [(a, b) for a, b in level if a < b]
+                asked += [(a + b) // 2 for a, b in level]
+                level = [half for a, b in level for half in ((a, (a + b) // 2), ((a + b) // 2 + 1, b))]
+            at_most.update(zip(asked, sum(r["counts"] for r in sites.ask("count", thresholds=np.array(asked)))))
+        if at_most[t] >= k:
             hi = t
         else:
             lo = t + 1
     return lo
 
 
+def site_hvg_moments(state, median):
+    """SITE -> SERVER: per-gene (n, mean, M2) of its cells scaled to the server's median library size."""
+    X = state["X"]
+    X.data *= np.repeat(median / state.pop("lib"), np.diff(X.indptr))
+    return dict(zip(("n", "mean", "m2"), site_moments(X)))
+
+
+def site_log_moments(state, hvg):
+    """SITE -> SERVER: per-gene (n, mean, M2) of the log values of the server's highly variable genes."""
+    state["genes"], state["X"] = state["genes"][hvg], state["X"][:, np.flatnonzero(hvg)]
+    return dict(zip(("n", "mean", "m2"), site_moments(np.log1p(state["X"].toarray()))))
+
+
+def site_scale(state, mean, std):
+    """SITE: z-scores its cells with the server's per-gene mean and std and keeps them as state['x']."""
+    state["x"] = ((np.log1p(state.pop("X").toarray()) - mean) / std).astype(np.float32)
+    return {}
+
+
+def server_preprocess(sites, n_genes):
+    """SERVER: data.preprocess from the sites' gene totals, counts and moments; returns kept genes, cells per site."""
+    genes = np.flatnonzero(sum(r["totals"] for r in sites.ask("totals")) >= 1)  # the non-empty genes
+    library = sites.ask("library", genes=genes)
+    n = sum(r["n"] for r in library)
+    if n < 2 or len(genes) < 2:
+        raise D.DataError(f"after removing empty cells/genes only {n} cells x {len(genes)} genes are left")
+    hi = int(sum(r["total"] for r in library))  # an aggregate bound: the sum of all counts
+    at_most = {}  # the counts asked for so far: the second bisection of an even n follows the first
+    median = federated_kth(sites, (n + 1) // 2, hi, at_most)
+    if n % 2 == 0:
+        median = (median + federated_kth(sites, n // 2 + 1, hi, at_most)) / 2
+    n_all, mean, m2 = merge_moments([(r["n"], r["mean"], r["m2"]) for r in sites.ask("hvg_moments", median=median)])
+    keep = D.hvg_from_moments(mean, m2 / (n_all - 1), n_genes)
+    _, mean, m2 = merge_moments([(r["n"], r["mean"], r["m2"]) for r in sites.ask("log_moments", hvg=keep)])
+    std = np.sqrt(m2 / (n_all - 1))
+    std[std == 0] = 1
+    sites.ask("scale", mean=mean, std=std)
+    return genes[keep], [r["n"] for r in library]
+
+
 def preprocess_federated(sites, n_genes):
     """preprocess() over several sites without pooling their cells. sites: raw counts (cells x the
     same genes) per site. Returns (float32 matrix per site, kept cell indices per site, kept
     genes); equal to preprocess() of the stacked sites up to float rounding."""
-    sites = [sp.csr_matrix(X, dtype=np.float64, copy=True) for X in sites]
-    for X in sites:
-        np.ceil(X.data, out=X.data)
-    # genes: SITES send per-gene totals, the SERVER keeps the non-empty genes
-    genes = np.flatnonzero(sum(np.asarray(X.sum(0)).ravel() for X in sites) >= 1)
-    sites = [X[:, genes] for X in sites]
-    # cells: each SITE drops its empty cells; library sizes stay on the sites
-    cells = [np.flatnonzero(np.asarray(X.sum(1)).ravel() >= 1) for X in sites]
-    sites = [X[c] for X, c in zip(sites, cells)]
-    lib = [np.asarray(X.sum(1)).ravel() for X in sites]
-    n = sum(len(l) for l in lib)
-    if n < 2 or len(genes) < 2:
-        raise D.DataError(f"after removing empty cells/genes only {n} cells x {len(genes)} genes are left")
-    # median library size: the SERVER bisects on "how many of your cells have a total <= t"
-    count_at_most = [lambda t, l=l: int((l <= t).sum()) for l in lib]
-    hi = int(sum(l.sum() for l in lib))  # an aggregate bound: the sum of all counts
-    median = federated_kth(count_at_most, (n + 1) // 2, hi)
-    if n % 2 == 0:
-        median = (median + federated_kth(count_at_most, n // 2 + 1, hi)) / 2
-    for X, l in zip(sites, lib):  # each SITE scales its cells to the median
-        X.data *= np.repeat(median / l, np.diff(X.indptr))
-    # HVGs: SITES send per-gene moments of the normalised values, the SERVER picks the genes
-    n_all, mean, m2 = merge_moments([site_moments(X) for X in sites])
-    keep = D.hvg_from_moments(mean, m2 / (n_all - 1), n_genes)
-    logs = [np.log1p(X[:, np.flatnonzero(keep)].toarray()) for X in sites]
-    # scaling: SITES send moments of the log values, the SERVER returns each gene's mean and std
-    _, mean, m2 = merge_moments([site_moments(L) for L in logs])
-    std = np.sqrt(m2 / (n_all - 1))
-    std[std == 0] = 1
-    return [((L - mean) / std).astype(np.float32) for L in logs], cells, genes[keep]
+    states = [{"counts": X} for X in sites]
+    genes, _ = server_preprocess(LocalSites(states), n_genes)
+    return [s["x"] for s in states], [s["cells"] for s in states], genes
 
 
 def load_federated(args):
@@ -180,43 +248,53 @@ def load_sites(args):
 # ---------------------------------------------------------------------------------------------
 # BatchNorm statistics from the sites (--bn-stats recompute)
 # ---------------------------------------------------------------------------------------------
-def site_bn_moments(net, x, bn):
-    """SITE: (n, sum, sum of squares) per feature of what BatchNorm layer bn receives when the site's
-    cells go through net (eval mode): three vectors, no row per cell."""
+@torch.no_grad()
+def site_bn_moments(state, layer, **weights):
+    """SITE -> SERVER: per-feature (n, sum, sum of squares) of BatchNorm `layer`'s input on its cells."""
+    net = state["net"]  # the encoder, with the server's weights (eval mode)
+    net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
     seen = []
-    handle = bn.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].double()))
+    handle = net.get_submodule(layer).register_forward_pre_hook(lambda m, inp: seen.append(inp[0].double()))
     try:
-        net(x)
+        net.eval()(torch.as_tensor(state["x"]))
     finally:
         handle.remove()
     a = seen[0]
-    return len(a), a.sum(0), (a * a).sum(0)
+    return {"n": len(a), "sum": a.sum(0).numpy(), "sumsq": (a * a).sum(0).numpy()}
 
 
 def merge_bn_moments(parts):
     """SERVER: the pooled mean and (biased, as BatchNorm's training mode uses) variance per feature."""
     n = sum(p[0] for p in parts)
     mean = sum(p[1] for p in parts) / n
-    return mean, (sum(p[2] for p in parts) / n - mean * mean).clamp_min(0)
+    return mean, np.maximum(sum(p[2] for p in parts) / n - mean * mean, 0)
 
 
-@torch.no_grad()
+def server_bn(sites, weights):
+    """SERVER: the encoder's weights ({name: array}) with each BatchNorm layer's statistics merged from the sites."""
+    weights = dict(weights)
+    for layer in [k[: -len(".running_mean")] for k in weights if k.endswith(".running_mean")]:  # in forward order
+        replies = sites.ask("bn_moments", layer=layer, **weights)
+        mean, var = merge_bn_moments([(r["n"], r["sum"], r["sumsq"]) for r in replies])
+        weights[f"{layer}.running_mean"] = mean.astype(weights[f"{layer}.running_mean"].dtype)
+        weights[f"{layer}.running_var"] = var.astype(weights[f"{layer}.running_var"].dtype)
+    return weights
+
+
 def recompute_bn(net, sites):
     """--bn-stats recompute: FedAvg averages the clients' BatchNorm running statistics, and with
     non-IID clients the average of per-client variances misses the variance between clients. Each
-    BatchNorm layer, in order, gets the mean and variance of its input over the cells of all sites
-    (sites send per-feature sums, SERVER merges them), so that in eval mode the encoder normalises
-    as it would in training mode on one batch of every cell."""
-    net.eval()
-    for bn in [m for m in net.modules() if isinstance(m, nn.BatchNorm1d)]:
-        mean, var = merge_bn_moments([site_bn_moments(net, x, bn) for x in sites])
-        bn.running_mean.copy_(mean)
-        bn.running_var.copy_(var)
+    BatchNorm layer of net, in order, gets the mean and variance of its input over the cells of all
+    sites (tensors, one per site), so that in eval mode the encoder normalises as it would in
+    training mode on one batch of every cell."""
+    weights = server_bn(LocalSites([{"net": net, "x": x} for x in sites]),
+                        {k: v.numpy() for k, v in net.state_dict().items()})
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
 
 
 # ---------------------------------------------------------------------------------------------
-# Federated evaluation: SITE functions see one site's embedding; the SERVER gets per-cluster sums,
-# counts, inertias and contingency tables, never one row per cell
+# Federated evaluation: SITE functions see one site's embedding state['h']; the SERVER gets
+# per-cluster sums, counts, inertias and contingency tables, never one row per cell
 # ---------------------------------------------------------------------------------------------
 def site_scatter(h):
     """SITE: (n, mean, centred scatter matrix d x d) of its embeddings; sites merge like moments."""
@@ -234,7 +312,7 @@ def merge_scatter(parts):
 
 
 def rank_from_scatter(scatter):
-    """Effective rank from the scatter matrix: its eigenvalues are the squared singular values."""
+    """SERVER: the effective rank from the merged scatter matrix (eigenvalues: squared singular values)."""
     s = np.sqrt(np.clip(np.linalg.eigvalsh(scatter), 0, None))
     if s.sum() <= 0 or not np.isfinite(s).all():
         return 0.0
@@ -243,9 +321,14 @@ def rank_from_scatter(scatter):
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
+def site_embedding_moments(state):
+    """SITE -> SERVER: (n, mean, scatter matrix d x d) and the sum of its embeddings."""
+    n, mean, scatter = site_scatter(state["h"])
+    return {"n": n, "mean": mean, "scatter": scatter, "sum": state["h"].sum(0)}
+
+
 def site_assign(h, centroids, previous=None):
-    """SITE: the nearest centroid of each of its cells (kept on the site) and what it sends: per-
-    cluster sums, counts and inertia, and how many of its cells changed cluster."""
+    """SITE: its cells' nearest centroids (kept) and what it sends: per-cluster sums, counts, inertia, changed."""
     d = (h ** 2).sum(1)[:, None] - 2 * h @ centroids.T + (centroids ** 2).sum(1)[None]
     labels = d.argmin(1)
     k = len(centroids)
@@ -256,41 +339,52 @@ def site_assign(h, centroids, previous=None):
     return labels, sent
 
 
-def federated_lloyd(sites, centroids, max_iter=300):
-    """SERVER: Lloyd's KMeans over the sites: each iteration the sites assign their cells and send
-    per-cluster sums and counts; the server moves the centroids (an empty cluster keeps its
-    centroid). Stops when no cell changed cluster. Returns (centroids, the sites' labels, inertia);
-    the labels are the sites' own, the server only ever reads `sent`."""
-    labels = [None] * len(sites)
-    for _ in range(max_iter):
-        results = [site_assign(h, centroids, old) for h, old in zip(sites, labels)]  # on each SITE
-        labels = [l for l, _ in results]
-        sent = [s for _, s in results]  # SITE -> SERVER: no array with a row per cell
-        sums, counts = sum(s[0] for s in sent), sum(s[1] for s in sent)
-        if sum(s[3] for s in sent) == 0:
+def site_local_kmeans(state, k, seed):
+    """SITE -> SERVER: the centroids of a KMeans of its own cells (k, fewer if it has fewer cells), their sizes."""
+    from sklearn.cluster import KMeans
+    km = KMeans(min(k, len(state["h"])), n_init=1, random_state=seed).fit(state["h"])
+    return {"centroids": km.cluster_centers_, "sizes": np.bincount(km.labels_, minlength=len(km.cluster_centers_))}
+
+
+def site_lloyd(state, centroids, restarts, first):
+    """SITE -> SERVER: site_assign's sums, counts, inertia, changed per restart (keys end in r); labels stay here."""
+    if first:
+        state["assigned"] = np.zeros((len(restarts), len(state["h"])), np.int64)  # restart x cell
+    out = {}
+    for c, r in zip(centroids, restarts):
+        state["assigned"][r], sent = site_assign(state["h"], c, None if first else state["assigned"][r])
+        out.update({f"{key}{r}": v for key, v in zip(("sums", "counts", "inertia", "changed"), sent)})
+    return out
+
+
+def federated_lloyd(sites, inits, max_iter=300):
+    """SERVER: Lloyd's KMeans from each init in lockstep, from per-cluster sums; returns [(centroids, inertia)]."""
+    cent, inertia = list(inits), {}  # an empty cluster keeps its centroid; a restart stops when no cell moved
+    for it in range(max_iter):
+        running = [r for r in range(len(cent)) if r not in inertia]
+        if not running:
             break
-        centroids = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centroids)
-    return centroids, labels, sum(s[2] for s in sent)
+        sent = sites.ask("lloyd", centroids=np.stack([cent[r] for r in running]), restarts=np.array(running), first=it == 0)
+        for r in running:
+            sums, counts = sum(s[f"sums{r}"] for s in sent), sum(s[f"counts{r}"] for s in sent)
+            changed = sum(s[f"changed{r}"] for s in sent)
+            if changed:
+                cent[r] = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], cent[r])
+            if not changed or it == max_iter - 1:
+                inertia[r] = sum(s[f"inertia{r}"] for s in sent)
+    return [(cent[r], inertia[r]) for r in range(len(cent))]
 
 
 def federated_kmeans(sites, k, seed, n_init=10):
-    """SERVER: KMeans without pooling embeddings. Each site runs a local KMeans and sends its k
-    centroids with their cell counts; the server seeds each restart by weighted k-means++ over
-    those centroids, runs federated Lloyd, and keeps the restart with the smallest summed inertia."""
-    from sklearn.cluster import KMeans, kmeans_plusplus
-    local, weights = [], []
-    for h in sites:  # on each SITE: k local centroids (fewer if it has fewer cells) and their sizes
-        km = KMeans(min(k, len(h)), n_init=1, random_state=seed).fit(h)
-        local.append(km.cluster_centers_)
-        weights.append(np.bincount(km.labels_, minlength=len(km.cluster_centers_)))
-    local, weights = np.concatenate(local), np.concatenate(weights).astype(float)
-    rng, best = np.random.RandomState(seed), None
-    for _ in range(n_init):
-        init, _ = kmeans_plusplus(local, k, sample_weight=weights, random_state=rng)
-        fit = federated_lloyd(sites, init)
-        if best is None or fit[2] < best[2]:
-            best = fit
-    return best
+    """SERVER: KMeans++ restarts seeded from the sites' local centroids, federated Lloyd; (centroids, restart, inertia)."""
+    from sklearn.cluster import kmeans_plusplus
+    local = sites.ask("local_kmeans", k=k, seed=seed)
+    centroids, sizes = np.concatenate([r["centroids"] for r in local]), np.concatenate([r["sizes"] for r in local])
+    rng = np.random.RandomState(seed)
+    inits = [kmeans_plusplus(centroids, k, sample_weight=sizes.astype(float), random_state=rng)[0] for _ in range(n_init)]
+    fits = federated_lloyd(sites, inits)
+    best = min(range(n_init), key=lambda r: fits[r][1])  # the smallest summed inertia, the first on ties
+    return fits[best][0], best, fits[best][1]
 
 
 def site_contingency(y, labels, n_classes, k):
@@ -312,33 +406,46 @@ def scores_from_contingency(table):
     return 100 * ari, 100 * nmi
 
 
-def federated_metrics(h, data, seed):
-    """--evaluate federated: each client embeds its own cells (the rows data.parts[k] of h) and
-    only per-cluster sums, counts, inertias and contingency tables reach the server. Cells held by
-    no client are not evaluated (pred = -1)."""
-    if not np.isfinite(h).all():
-        raise cli.Diverged("the embedding holds NaN or inf values; try a smaller --lr")
-    sites = [h[idx] for idx in data.parts]
-    cent, labels, inertia = federated_kmeans(sites, data.n_clusters, seed)
-    out = {"erank": rank_from_scatter(merge_scatter([site_scatter(s) for s in sites])[2])}
-    k, n = len(cent), sum(len(s) for s in sites)
-    if data.y is not None:
-        n_classes = int(data.y.max()) + 1
-        table = sum(site_contingency(data.y[idx], l, n_classes, k) for idx, l in zip(data.parts, labels))
-        out["ari"], out["nmi"] = scores_from_contingency(table)
-    counts = sum(np.bincount(l, minlength=k) for l in labels)
-    mean = sum(s.sum(0) for s in sites) / n  # SERVER: from per-site sums
+def site_clusters(state, centroids, restart, n_classes=None):
+    """SITE -> SERVER: cluster sizes, summed simplified silhouette, contingency table; keeps state['clusters']."""
+    h, labels = state["h"], state["assigned"][restart]
+    state["clusters"], rows = labels, np.arange(len(h))
+    d = np.sqrt(np.maximum((h ** 2).sum(1)[:, None] - 2 * h @ centroids.T + (centroids ** 2).sum(1)[None], 0))
+    a = d[rows, labels]
+    d[rows, labels] = np.inf
+    b = d.min(1)
+    out = {"counts": np.bincount(labels, minlength=len(centroids)),
+           "sil": np.where(np.maximum(a, b) > 0, (b - a) / np.maximum(np.maximum(a, b), 1e-300), 0).sum()}
+    if n_classes is not None:  # the site knows its cells' types
+        out["table"] = site_contingency(state["y"], labels, n_classes, len(centroids))
+    return out
+
+
+def server_metrics(sites, k, seed, n_classes=None):
+    """SERVER: erank, KMeans, ARI/NMI, Calinski-Harabasz and simplified silhouette from the sites' aggregates."""
+    spread = sites.ask("embedding_moments")
+    out = {"erank": rank_from_scatter(merge_scatter([(r["n"], r["mean"], r["scatter"]) for r in spread])[2])}
+    cent, best, inertia = federated_kmeans(sites, k, seed)
+    fin = sites.ask("clusters", centroids=cent, restart=best, n_classes=n_classes)
+    if n_classes is not None:
+        out["ari"], out["nmi"] = scores_from_contingency(sum(r["table"] for r in fin))
+    k, n, counts = len(cent), sum(r["n"] for r in spread), sum(r["counts"] for r in fin)
+    mean = sum(r["sum"] for r in spread) / n
     between = (counts * ((cent - mean) ** 2).sum(1)).sum()
     out["ch"] = between / (k - 1) / (inertia / (n - k)) if inertia > 0 and (counts > 0).sum() > 1 else float("nan")
-    sil = 0.0
-    for s, l in zip(sites, labels):  # SITE: simplified silhouette of its cells, summed
-        d = np.sqrt(np.maximum((s ** 2).sum(1)[:, None] - 2 * s @ cent.T + (cent ** 2).sum(1)[None], 0))
-        a = d[np.arange(len(s)), l]
-        d[np.arange(len(s)), l] = np.inf
-        b = d.min(1)
-        sil += np.where(np.maximum(a, b) > 0, (b - a) / np.maximum(np.maximum(a, b), 1e-300), 0).sum()
-    out["sil_simplified"] = 100 * sil / n
+    out["sil_simplified"] = 100 * sum(r["sil"] for r in fin) / n
+    return out
+
+
+def federated_metrics(h, data, seed):
+    """--evaluate federated: each client's cells are the rows data.parts[k] of h, and only per-cluster
+    sums, counts, inertias and contingency tables reach the server (server_metrics). Returns the
+    metrics and each cell's cluster; cells held by no client are not evaluated (pred = -1)."""
+    if not np.isfinite(h).all():
+        raise cli.Diverged("the embedding holds NaN or inf values; try a smaller --lr")
+    states = [{"h": h[idx], "y": None if data.y is None else data.y[idx]} for idx in data.parts]
+    out = server_metrics(LocalSites(states), data.n_clusters, seed, None if data.y is None else int(data.y.max()) + 1)
     pred = np.full(len(h), -1)
-    for idx, l in zip(data.parts, labels):
-        pred[idx] = l
+    for idx, s in zip(data.parts, states):
+        pred[idx] = s["clusters"]
     return out, pred

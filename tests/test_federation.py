@@ -101,8 +101,8 @@ def test_federated_preprocessing_equals_pooled_on_uneven_sites():
     X[:, 7] = 0  # an empty gene
     for n in (50, 120):
         _federated_vs_pooled(X, [0, 13, 60, 251, 400], n)  # four sites of 13, 47, 191 and 149 cells
-    assert federated.federated_kth([lambda t: int((np.array([5, 1, 9]) <= t).sum()), lambda t: int((np.array([4]) <= t).sum())],
-                           2, 100) == 4  # the 2nd smallest of 5, 1, 9, 4
+    sites = federated.LocalSites([{"lib": np.array([5.0, 1, 9])}, {"lib": np.array([4.0])}])
+    assert federated.federated_kth(sites, 2, 100) == 4  # the 2nd smallest of 5, 1, 9, 4
 
 
 @pytest.mark.parametrize("name", ["10X_PBMC_top2000.h5", "mouse_bladder_cell_top2000.h5"])
@@ -145,7 +145,9 @@ def test_federated_lloyd_equals_pooled_lloyd_and_scores_equal_pooled():
     h = rng.normal(size=(600, 5)) + 3 * np.eye(5)[y]
     init = h[[0, 1, 2, 3]]
     sites = [h[:50], h[50:320], h[320:]]  # uneven sites
-    cent, labels, inertia = federated.federated_lloyd(sites, init.copy())
+    states = [{"h": s} for s in sites]
+    [(cent, inertia)] = federated.federated_lloyd(federated.LocalSites(states), [init.copy()])
+    labels = [s["assigned"][0] for s in states]  # each site's labels stay on the site
     ref = KMeans(4, init=init, n_init=1, algorithm="lloyd", tol=0, max_iter=300).fit(h)
     assert np.allclose(cent, ref.cluster_centers_, atol=1e-10) and inertia == pytest.approx(ref.inertia_)
     assert np.array_equal(np.concatenate(labels), ref.labels_)
@@ -156,7 +158,8 @@ def test_federated_lloyd_equals_pooled_lloyd_and_scores_equal_pooled():
     real, sent = federated.site_assign, []
     federated.site_assign = lambda *a: (lambda out: (sent.append(out[1]), out)[1])(real(*a))
     try:
-        _, _, fed_inertia = federated.federated_kmeans(sites, 4, seed=0)  # seeded from the sites' centroids only
+        # seeded from the sites' centroids only
+        _, _, fed_inertia = federated.federated_kmeans(federated.LocalSites([{"h": s} for s in sites]), 4, seed=0)
     finally:
         federated.site_assign = real
     # what the sites send the server: per-cluster sums (4 x 5), counts (4), inertia and a count
@@ -254,27 +257,22 @@ def test_server_receives_no_array_with_a_row_per_cell(tmp_path, monkeypatch):
             return out
         monkeypatch.setattr(mod, name, wrapped)
 
-    SITE = {"site_moments", "site_contingency", "site_scatter", "site_assign", "site_bn_moments"}
+    SITE = {"site_moments", "site_count", "site_contingency", "site_scatter", "site_assign", "site_bn_moments"}
     SERVER = {"merge_moments", "hvg_from_moments", "merge_scatter", "scores_from_contingency", "rank_from_scatter",
               "merge_bn_moments"}
-    for name in ("site_moments", "merge_moments"):
+    for name in ("site_moments", "merge_moments", "site_count"):
         spy(federated, name)
     spy(D, "hvg_from_moments")
     for name in ("site_contingency", "site_scatter", "merge_scatter", "scores_from_contingency", "rank_from_scatter",
                  "site_bn_moments", "merge_bn_moments"):
         spy(federated, name)
     spy(federated, "site_assign", send=lambda out: out[1])  # the labels stay on the site
-    kth = federated.federated_kth
-    def spied_kth(count_at_most, k, hi):  # the median: the sites answer with one integer each
-        def answered(f):
-            def g(t):
-                n = f(t)
-                assert isinstance(n, int)
-                seen.append("count_at_most")
-                return n
-            return g
-        return kth([answered(f) for f in count_at_most], k, hi)
-    monkeypatch.setattr(federated, "federated_kth", spied_kth)
+    ask = federated.LocalSites.ask
+    def spied_ask(self, action, **payload):  # and every reply of every site to every question of the server
+        replies = ask(self, action, **payload)
+        check("replies", replies)
+        return replies
+    monkeypatch.setattr(federated.LocalSites, "ask", spied_ask)
     upload = lambda client: (lambda out: (check("upload", out), out)[1])(fedsc.upload(client))
     aggregate = lambda uploads: (check("aggregate args", uploads), fedsc.aggregate(uploads))[1]
 
@@ -285,7 +283,7 @@ def test_server_receives_no_array_with_a_row_per_cell(tmp_path, monkeypatch):
     log = common.federate(args, data, model, fedsc.download, fedsc.local_update, upload, aggregate)
     metrics = common.finish(args, data, model, log)
     assert np.isfinite(metrics["ari"]) and np.isfinite(metrics["sil_simplified"])
-    for where in ("site_moments output", "merge_moments args", "count_at_most", "upload", "aggregate args",
+    for where in ("replies", "site_moments output", "merge_moments args", "site_count output", "upload", "aggregate args",
                   "site_assign output", "site_contingency output", "scores_from_contingency args",
                   "site_scatter output", "merge_scatter args", "site_bn_moments output", "merge_bn_moments args"):
         assert where in seen, f"the spy on {where} saw nothing"
@@ -293,6 +291,9 @@ def test_server_receives_no_array_with_a_row_per_cell(tmp_path, monkeypatch):
     h = np.random.default_rng(0).normal(size=(70, 5))
     with pytest.raises(AssertionError, match="shape"):
         check("labels", federated.site_assign(h, h[:4])[0])
+    monkeypatch.setattr(federated, "site_clusters", lambda state, **payload: {"labels": state["h"][:, 0]})
+    with pytest.raises(AssertionError, match="shape"):  # a site step that sends its cells' labels is caught
+        federated.LocalSites([{"h": h}]).ask("clusters")
 
 
 @pytest.mark.parametrize("name,argv,uploaded,local", [

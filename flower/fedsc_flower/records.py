@@ -7,7 +7,7 @@ import os
 import sys
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 METHODS = ("fedsimclr", "fedmoco", "fedsimsiam", "fedbyol", "fedsc")
 DEFAULTS = {  # the same as [tool.flwr.app.config] in pyproject.toml (run_simulation passes no run config)
@@ -68,18 +68,55 @@ def unpack(record):
     return {k: np.array(a.numpy()) for k, a in record.items()}
 
 
-def pack_state(state):
-    """{module: {tensor name: tensor}} (a method's global_state or upload) -> one flat ArrayRecord."""
-    return pack({f"{m}.{k}": v for m, s in state.items() for k, v in s.items()})
+def flat(state):
+    """{module: {tensor name: tensor}} (a method's global_state or upload) -> {"module.name": tensor}."""
+    return {f"{m}.{k}": v for m, s in state.items() for k, v in s.items()}
 
 
-def unpack_state(record):
-    """The inverse of pack_state: {module: {tensor name: torch tensor}}."""
+def unflat(values):
+    """The inverse of flat, from the keys with a dot: {module: {tensor name: torch tensor}}."""
     import torch
     out = {}
-    for name, a in unpack(record).items():
-        module, key = name.split(".", 1)
-        out.setdefault(module, {})[key] = torch.from_numpy(a)
+    for name, a in values.items():
+        if "." in name:
+            module, key = name.split(".", 1)
+            out.setdefault(module, {})[key] = torch.as_tensor(a)
+    return out
+
+
+def content(payload, **records):
+    """A plain dict -> the records of a message: arrays (numpy, torch) in 'arrays', numbers and text in 'values'."""
+    arrays = {k: v for k, v in payload.items() if isinstance(v, np.ndarray) or hasattr(v, "detach")}
+    return RecordDict({"arrays": pack(arrays), "values": config(**{k: v for k, v in payload.items() if k not in arrays}),
+                       **records})
+
+
+def plain(records):
+    """The inverse of content: one plain dict of numpy arrays, numbers and text."""
+    return {**dict(records["values"]), **unpack(records["arrays"])}
+
+
+def pack_site(state):
+    """A site's state ({name: numpy array or scipy sparse matrix}) -> ArrayRecord (sparse: its CSR arrays)."""
+    import scipy.sparse as sp
+    out = {}
+    for k, v in state.items():
+        if sp.issparse(v):
+            v = sp.csr_matrix(v)
+            out.update({f"{k}.csr.data": v.data, f"{k}.csr.indices": v.indices, f"{k}.csr.indptr": v.indptr,
+                        f"{k}.csr.shape": np.array(v.shape)})
+        else:
+            out[k] = v
+    return pack(out)
+
+
+def unpack_site(record):
+    """The inverse of pack_site."""
+    import scipy.sparse as sp
+    a = unpack(record)
+    out = {k: v for k, v in a.items() if ".csr." not in k}
+    for k in [k[: -len(".csr.data")] for k in a if k.endswith(".csr.data")]:
+        out[k] = sp.csr_matrix(tuple(a[f"{k}.csr.{p}"] for p in ("data", "indices", "indptr")), shape=tuple(a[f"{k}.csr.shape"]))
     return out
 
 

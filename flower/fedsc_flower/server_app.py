@@ -1,6 +1,6 @@
 """ServerApp: the method file's aggregate, the run's rounds, lr schedule (common.learning_rate) and
-seed from the run config, and the SERVER steps of federated.preprocess_federated and
-federated.federated_metrics, each site's part asked for by a message (statistics in, decisions out):
+seed from the run config, and the SERVER functions of federated.py (server_preprocess, server_bn,
+server_metrics), the same as in process, whose questions to the sites go out as messages (Sites):
 no cell, no embedding and no per-cell label ever reaches the server.
 
 Run config (pyproject.toml): method, rounds, seed, lr-schedule, args (any other option of the method
@@ -16,10 +16,7 @@ import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedsc_flower.records import DEFAULTS, SiteError, args_to_text, config, method_module, pack, pack_state, repo, unpack, unpack_state
-
-N_INIT, MAX_ITER = 10, 300  # federated.federated_kmeans' restarts and federated_lloyd's iterations
-BISECT_DEPTH = 12            # levels of the median's bisection asked for in one message (4095 thresholds)
+from fedsc_flower.records import DEFAULTS, SiteError, args_to_text, config, content, flat, method_module, plain, repo, unflat
 
 
 class Sites:
@@ -28,16 +25,14 @@ class Sites:
     def __init__(self, grid, nodes, base, timeout):
         self.grid, self.nodes, self.base, self.timeout, self.sent = grid, nodes, base, timeout, 0
 
-    def ask(self, action, arrays=None, per_site=None, **values):
-        """Send action to every site (message type query.<action>, or train) and return the replies'
-        records in site order; a site's error stops the run with its own message."""
-        msgs = []
+    def ask(self, action, **payload):
+        """federated's sites interface: payload (a plain dict) to every site as a message, their replies as
+        plain dicts in site order; a site's error stops the run with its own message."""
+        body, msgs = content(payload), []
         for cid, node in enumerate(self.nodes):
-            content = RecordDict({"config": config(**self.base, cid=cid, **values, **((per_site or {}).get(cid, {})))})
-            if arrays is not None:
-                content["arrays"] = arrays
-            kind = "train" if action == "train" else f"query.{action}"
-            msgs.append(Message(content, dst_node_id=node, message_type=kind, group_id=f"{action}{self.sent}"))
+            records = RecordDict({**body, "base": config(**self.base, cid=cid, action=action)})
+            msgs.append(Message(records, dst_node_id=node, message_type="train" if action == "train" else "query",
+                                group_id=f"{action}{self.sent}"))
         self.sent += 1
         replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(msgs, timeout=self.timeout)}
         out = []
@@ -54,7 +49,7 @@ class Sites:
                     import cli, federated, formats, runs
                     raise common.Diverged(err["diverged"])
                 raise SiteError(err["error"])
-            out.append(r.content)
+            out.append(plain(r.content))
         return out
 
 
@@ -85,7 +80,7 @@ def make_args(run_config, n_sites):
 
 
 # ---------------------------------------------------------------------------------------------
-# Preprocessing: federated.preprocess_federated's SERVER steps
+# Preprocessing: which genes the sites share (load_sites' rules), then federated.server_preprocess
 # ---------------------------------------------------------------------------------------------
 def match_sites(sites, args, hello):
     """load_sites' rules: genes matched by name (their intersection, in the first site's order)."""
@@ -123,155 +118,6 @@ def match_sites(sites, args, hello):
     return [str(g) for g in genes]
 
 
-def median_library_size(sites, genes, n, hi):
-    """federated.federated_kth, unchanged, for the median; each message asks the sites for the next
-    BISECT_DEPTH levels of the bisection at once (a cache: the answers are the same counts)."""
-    import data as D
-    import cli, federated, formats, runs
-    cache = {}
-
-    def kth(k):
-        interval = [0, hi]
-
-        def first_site(t):  # federated_kth asks site 0 first, then the others for the same t
-            if t not in cache:
-                ts, frontier = [], [tuple(interval)]
-                for _ in range(BISECT_DEPTH):
-                    nxt = []
-                    for a, b in frontier:
-                        if a < b:
-                            m = (a + b) // 2
-                            ts.append(m)
-                            nxt += [(a, m), (m + 1, b)]
-                    frontier = nxt
-                ts = [x for x in (ts if t in ts else [t]) if x not in cache]
-                replies = sites.ask("count", thresholds=[int(x) for x in ts])
-                for i, x in enumerate(ts):
-                    cache[x] = [int(r["reply"]["counts"][i]) for r in replies]
-            if sum(cache[t]) >= k:  # follow the bisection, to know which levels to ask for next
-                interval[1] = t
-            else:
-                interval[0] = t + 1
-            return cache[t][0]
-
-        others = [lambda t, i=i: cache[t][i] for i in range(1, len(sites.nodes))]
-        return federated.federated_kth([first_site] + others, k, hi)
-
-    median = kth((n + 1) // 2)
-    if n % 2 == 0:
-        median = (median + kth(n // 2 + 1)) / 2
-    return median
-
-
-def preprocess(sites, args):
-    """federated.preprocess_federated, its SITE steps on the sites: returns the number of HVGs."""
-    import data as D
-    import cli, federated, formats, runs
-    replies = sites.ask("totals")
-    labelled = ["labels" in r["reply"] for r in replies]
-    if any(labelled) and not all(labelled):
-        raise SiteError(f"sites {[k for k, l in enumerate(labelled) if not l]} have no labels, others do")
-    label_names = np.unique(np.concatenate([r["reply"]["labels"] for r in replies])) if all(labelled) else None
-    if label_names is None and args.n_clusters < 1:
-        raise SiteError("the sites have no cell-type labels: pass --n-clusters (run config args) to choose k")
-    totals = [unpack(r["arrays"])["totals"] for r in replies]
-    genes = np.flatnonzero(sum(totals) >= 1)  # SERVER: the non-empty genes
-    kept = pack({"genes": genes})
-    n = sum(int(r["reply"]["n"]) for r in replies)
-    if n < 2 or len(genes) < 2:
-        raise SiteError(f"after removing empty cells/genes only {n} cells x {len(genes)} genes are left")
-    hi = int(sum(t.sum() for t in totals))  # an aggregate bound: the sum of all counts
-    median = median_library_size(sites, kept, n, hi)
-    replies = sites.ask("moments", arrays=kept, median=float(median))
-    n_all, mean, m2 = federated.merge_moments([(int(r["reply"]["n"]), *(unpack(r["arrays"])[k] for k in ("mean", "m2"))) for r in replies])
-    hvg = D.hvg_from_moments(mean, m2 / (n_all - 1), args.n_genes)
-    with_hvg = pack({"genes": genes, "hvg": hvg})
-    replies = sites.ask("log_moments", arrays=with_hvg, median=float(median))
-    _, mean, m2 = federated.merge_moments([(int(r["reply"]["n"]), *(unpack(r["arrays"])[k] for k in ("mean", "m2"))) for r in replies])
-    std = np.sqrt(m2 / (n_all - 1))
-    std[std == 0] = 1
-    replies = sites.ask("scale", arrays=pack({"genes": genes, "hvg": hvg, "mean": mean, "std": std}), median=float(median))
-    for cid, r in enumerate(replies):
-        print(f"site {cid}: {int(r['reply']['n'])} cells", flush=True)
-    return int(hvg.sum()), label_names
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation: federated.recompute_bn, federated_kmeans / federated_lloyd / federated_metrics' SERVER steps
-# ---------------------------------------------------------------------------------------------
-def recompute_bn(sites, global_state):
-    """--bn-stats recompute (federated.recompute_bn): for each BatchNorm layer of the online encoder, in
-    order, the sites send per-feature (n, sum, sum of squares) of its input under the encoder as
-    recomputed so far; the server merges them into the layer's running mean and variance. The
-    layers are read off the state's keys (a BatchNorm layer is what has a running mean), in the
-    order the encoder's modules were registered, which is the order of its forward pass."""
-    import torch
-    import common
-    import cli, federated, formats, runs
-    state = {k: v.clone() for k, v in global_state["online"].items()}
-    for name in [k[: -len(".running_mean")] for k in state if k.endswith(".running_mean")]:
-        replies = sites.ask("bn_moments", arrays=pack_state({"online": state}), layer=name)
-        parts = [(int(r["reply"]["n"]), torch.from_numpy(p["sum"]), torch.from_numpy(p["sumsq"]))
-                 for r in replies for p in [unpack(r["arrays"])]]
-        mean, var = federated.merge_bn_moments(parts)
-        state[f"{name}.running_mean"] = mean.to(state[f"{name}.running_mean"].dtype)
-        state[f"{name}.running_var"] = var.to(state[f"{name}.running_var"].dtype)
-    return {**global_state, "online": state}
-
-
-def evaluate(sites, args, global_state, k, label_names, run):
-    """KMeans from per-cluster sums and counts (the N_INIT restarts' Lloyd iterations in lockstep, so
-    one message serves every restart still running), ARI/NMI from the summed contingency table,
-    Calinski-Harabasz from sums, the simplified silhouette; the sites write their own cells."""
-    import common
-    import cli, federated, formats, runs
-    from sklearn.cluster import kmeans_plusplus
-    replies = sites.ask("embed", arrays=pack_state(global_state), k=k)
-    parts = [unpack(r["arrays"]) for r in replies]
-    scatter = [(int(r["reply"]["n"]), p["mean"], p["scatter"]) for r, p in zip(replies, parts)]
-    out = {"erank": federated.rank_from_scatter(federated.merge_scatter(scatter)[2])}
-    local = np.concatenate([p["centroids"] for p in parts])
-    weights = np.concatenate([p["sizes"] for p in parts]).astype(float)
-    rng = np.random.RandomState(args.seed)
-    cent = {r: kmeans_plusplus(local, k, sample_weight=weights, random_state=rng)[0] for r in range(N_INIT)}
-    running, done, it, first = list(range(N_INIT)), {}, 0, True
-    while running:
-        replies = sites.ask("assign", arrays=pack({"centroids": np.stack([cent[r] for r in running])}),
-                            restarts=running, first=first, n_init=N_INIT)
-        sent = [unpack(r["arrays"]) for r in replies]
-        it, first = it + 1, False
-        for r in list(running):
-            sums, counts = sum(s[f"sums{r}"] for s in sent), sum(s[f"counts{r}"] for s in sent)
-            inertia = sum(float(s[f"inertia{r}"]) for s in sent)
-            if sum(int(s[f"changed{r}"]) for s in sent) == 0:
-                done[r] = inertia
-            else:
-                cent[r] = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], cent[r])
-                if it == MAX_ITER:
-                    done[r] = inertia
-            if r in done:
-                running.remove(r)
-    best = None
-    for r in range(N_INIT):  # the lowest summed inertia; the first one on ties (federated_kmeans)
-        if best is None or done[r] < done[best]:
-            best = r
-    inertia = done[best]
-    names = [] if label_names is None else [str(x) for x in label_names]
-    replies = sites.ask("finish", arrays=pack({"centroids": cent[best]}), best=best, label_names=names,
-                        run=run, config=json.dumps(vars(args)))
-    fin = [unpack(r["arrays"]) for r in replies]
-    n = sum(s[0] for s in scatter)
-    if label_names is not None:
-        out["ari"], out["nmi"] = federated.scores_from_contingency(sum(f["table"] for f in fin))
-    counts = sum(f["counts"] for f in fin)
-    mean = sum(p["sum"] for p in parts) / n
-    c = cent[best]
-    between = (counts * ((c - mean) ** 2).sum(1)).sum()
-    out["ch"] = between / (k - 1) / (inertia / (n - k)) if inertia > 0 and (counts > 0).sum() > 1 else float("nan")
-    out["sil_simplified"] = 100 * sum(float(f["sil"]) for f in fin) / n
-    return out, [str(r["reply"]["path"]) for r in replies]
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +132,7 @@ def run(grid, run_config):
     mod, args = make_args(run_config, len(nodes))
     base = dict(method=str(run_config["method"]), out_dir=str(run_config["out-dir"]))
     sites = Sites(grid, nodes, dict(base, args=args_to_text(args)), float(run_config["timeout"]))
-    hello = [r["reply"] for r in sites.ask("hello")]
+    hello = sites.ask("hello")
     # site order: partition-id when given, then the file's name (a site's id seeds its generator)
     order = sorted(range(len(nodes)), key=lambda i: (int(hello[i]["order"]) if int(hello[i]["order"]) >= 0 else math.inf,
                                                      str(hello[i]["name"]), nodes[i]))
@@ -295,7 +141,18 @@ def run(grid, run_config):
     args.code = runs.code_hash(sys.modules[mod.__name__].__file__)
     sites.base = dict(base, args=args_to_text(args), **({} if shared is None else {"genes": shared}))
     print(f"config {json.dumps(vars(args))}", flush=True)
-    n_genes, label_names = preprocess(sites, args)
+    labels = [r.get("labels") for r in sites.ask("read")]  # each site's label names, or none
+    if any(l is None for l in labels) and not all(l is None for l in labels):
+        raise SiteError(f"sites {[k for k, l in enumerate(labels) if l is None]} have no labels, others do")
+    label_names = None if labels[0] is None else [str(x) for x in np.unique(np.concatenate(labels))]
+    if label_names is None and args.n_clusters < 1:
+        raise SiteError("the sites have no cell-type labels: pass --n-clusters (run config args) to choose k")
+    genes, cells = federated.server_preprocess(sites, args.n_genes)  # SERVER: the same steps as in process
+    for cid, n in enumerate(cells):
+        if n < 2:
+            raise SiteError(f"site {cid} holds {n} non-empty cell(s); every site needs at least 2")
+        print(f"site {cid}: {n} cells", flush=True)
+    n_genes = len(genes)
     k = args.n_clusters or len(label_names)
     common.seed_everything(args.seed)
     model = mod.make_model(n_genes, args)  # the server's initial global model (seeded, as the scripts)
@@ -303,10 +160,10 @@ def run(grid, run_config):
     log, t_train = [], time.time()
     for rnd in range(args.rounds):
         t0, lr = time.time(), common.learning_rate(args, rnd)
-        replies = sites.ask("train", arrays=pack_state(global_state), lr=lr, round=rnd)
-        uploads = [(unpack_state(r["arrays"]), int(r["metrics"]["num-examples"])) for r in replies]
+        replies = sites.ask("train", lr=lr, round=rnd, **flat(global_state))
+        uploads = [(unflat(r), int(r["num-examples"])) for r in replies]
         global_state = mod.aggregate(uploads)  # SERVER: only weights and counts arrive
-        logs = [{k: v for k, v in r["metrics"].items() if k != "num-examples"} for r in replies]
+        logs = [{k: v for k, v in r.items() if "." not in k and k != "num-examples"} for r in replies]
         log += [{"round": rnd + 1, "client": c, "lr": lr, **e, "seconds": time.time() - t0} for c, e in enumerate(logs)]
         loss = float(np.mean([e["loss"] for e in logs]))
         if not math.isfinite(loss):
@@ -323,8 +180,11 @@ def run(grid, run_config):
     if run_config["evaluate"]:
         state = global_state  # global.pt keeps the trained weights; evaluation may use other BN statistics
         if getattr(args, "bn_stats", "running") == "recompute":
-            state = recompute_bn(sites, global_state)
-        metrics, files = evaluate(sites, args, state, k, label_names, name)
+            online = federated.server_bn(sites, {key: v.numpy() for key, v in global_state["online"].items()})
+            state = {**global_state, "online": {key: torch.from_numpy(v) for key, v in online.items()}}
+        sites.ask("embed", label_names=label_names, **flat(state))  # each site embeds its own cells
+        metrics = federated.server_metrics(sites, k, args.seed, None if label_names is None else len(label_names))
+        files = [r["path"] for r in sites.ask("finish", run=name, config=json.dumps(vars(args)))]
         print("final  " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f"  time {time.time() - t_start:.1f}s", flush=True)
     import pandas as pd
     formats.write_atomic(os.path.join(folder, "global.pt"), lambda tmp: torch.save(global_state, tmp))
