@@ -121,7 +121,8 @@ def _signals_held():
         yield
         return
     got = []
-    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum))
+           for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield
     finally:
