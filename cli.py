@@ -210,13 +210,14 @@ def user_errors():
     import threading
     main = threading.current_thread() is threading.main_thread()
     term = signal.signal(signal.SIGTERM, _interrupt) if main else None
+    line = lambda e: " ".join(l.strip() for l in str(e).splitlines() if l.strip())  # a library's message may span lines
     try:
         yield
     except D.DataError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Diverged as e:
-        print(f"diverged: {e}", file=sys.stderr, flush=True)
+        print(f"diverged: {line(e)}", file=sys.stderr, flush=True)
         sys.exit(3)
     except KeyboardInterrupt:
         print(f"interrupted: {f'the run was saved whole in {runs.saved}' if runs.saved else 'nothing saved'}",

@@ -274,12 +274,13 @@ def check_orientation(names, path, transpose):
 
 def check_names(X, y, names, path):
     """Gene names, cell names and labels must each be a list with one entry per gene / cell."""
-    for what, values, n in (("gene names", names.get("genes"), X.shape[1]), ("cell names", names.get("barcodes"), X.shape[0]),
-                            ("labels", y, X.shape[0])):
-        if values is not None and (np.ndim(values) != 1 or len(values) != n):
-            raise DataError(f"'{path}': {np.shape(values)} {what} for a matrix of {X.shape[0]} cells x {X.shape[1]} genes; "
-                            f"there must be one per {'gene' if what == 'gene names' else 'cell'}"
-                            + ("" if what == "gene names" else " (use --transpose if genes are rows)"))
+    for what, values, n, unit in (("gene names", names.get("genes"), X.shape[1], "genes"),
+                                  ("cell names", names.get("barcodes"), X.shape[0], "cells"), ("labels", y, X.shape[0], "cells")):
+        if values is not None and np.ndim(values) != 1:
+            raise DataError(f"'{path}': {what} of shape {np.shape(values)}; there must be a list of one per {unit[:-1]}")
+        if values is not None and len(values) != n:
+            raise DataError(f"'{path}': {len(values)} {what} for {n} {unit}; they must match"
+                            + (" (cells are rows; use --transpose if genes are rows)" if unit == "cells" else ""))
 
 
 class Labels(str):

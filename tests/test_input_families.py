@@ -97,10 +97,10 @@ def test_labels_header_only_when_declared_or_obvious(tmp_path):
 
 def test_names_and_labels_must_fit_the_matrix(tmp_path):
     path, X, y = synth(tmp_path, gene_names=[f"g{j}" for j in range(39)])
-    with pytest.raises(D.DataError, match=r"\(39,\) gene names for a matrix of 60 cells x 40 genes"):
+    with pytest.raises(D.DataError, match="39 gene names for 40 genes; they must match"):
         D.read_counts(path)
     path = formats.write_h5(str(tmp_path / "y2.h5"), X, Y=np.stack([y, y], 1))
-    with pytest.raises(D.DataError, match=r"\(60, 2\) labels"):
+    with pytest.raises(D.DataError, match=r"labels of shape \(60, 2\)"):
         D.read_counts(path)
     path = formats.write_h5(str(tmp_path / "codes.h5"), X, Y=y + 5, label_names=["a", "b", "c"])
     with pytest.raises(D.DataError, match="integer code 0..2 of label_names"):
