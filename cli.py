@@ -278,7 +278,10 @@ def check_out(out):
     if os.path.lexists(out) and not os.path.isfile(out):
         raise D.DataError(f"--out '{out}' exists and is not a regular file (a link to nothing, a FIFO or a device); "
                           f"give a CSV file path")
-    runs.read_rows(out)  # unreadable, unparseable or another kind of CSV: refused now, not after training
+    columns = runs.read_rows(out).columns  # unreadable or unparseable: refused now, not after training
+    if len(columns) and "config_id" not in columns:
+        raise D.DataError(f"--out '{out}' exists and is not a results CSV of these scripts; "
+                          f"choose another file (rows are appended, never overwritten)")
     folder, run_dir = os.path.dirname(os.path.realpath(out)), runs.runs_dir(out)
     for what, path, kind in (("--out", folder, "folder"), ("its run folder", run_dir, "folder"),
                              ("its lock file", os.path.realpath(out) + ".lock", "file")):

@@ -133,8 +133,8 @@ def _signals_held():
 
 
 def read_rows(path):
-    """The rows of a results CSV, as text: none for a missing or empty file. A file that cannot be
-    read or parsed, or that is another kind of CSV, is a DataError."""
+    """The rows of a CSV, as text: none for a missing or empty file. A file that cannot be read or
+    parsed is a DataError."""
     import pandas as pd
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return pd.DataFrame()
@@ -143,9 +143,6 @@ def read_rows(path):
     except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise DataError(f"--out '{path}' cannot be read as a results CSV ({' '.join(str(e).split())}); "
                         f"repair it or choose another file (rows are appended, never overwritten)") from None
-    if "config_id" not in rows.columns:
-        raise DataError(f"--out '{path}' exists and is not a results CSV of these scripts; "
-                        f"choose another file (rows are appended, never overwritten)")
     return rows
 
 

@@ -198,7 +198,7 @@ def test_special_files_and_folders_as_data(tmp_path):
     ("fedsc", "--momentum", "1.5", r"--momentum must be in \[0, 1\)"), ("fedsc", "--alpha", "inf", "--alpha must be a finite"),
     ("fedsimclr", "--temperature", "inf", "--temperature must be a finite"), ("fedmoco", "--temperature", "nan", "--temperature must be"),
     ("fedbyol", "--weight-decay", "-inf", "--weight-decay must be a finite"), ("centralized", "--csc-lr", "inf", "--csc-lr must be a finite"),
-    ("fedsc", "--dirichlet-alpha", "1e-10", "--dirichlet-alpha must be at least 0.01")])
+    ("fedsc", "--dirichlet-alpha", "1e-10", "--dirichlet-alpha must be positive and at least 0.01")])
 def test_every_float_option_is_finite_and_in_range(name, flag, value, expect, tmp_path):
     with pytest.raises(D.DataError, match=expect):
         cli.check_args(parse(name, [f"{flag}={value}"], tmp_path))
