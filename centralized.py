@@ -98,6 +98,7 @@ if __name__ == "__main__":
         print(f"config {json.dumps(vars(args))}", flush=True)
         common.seed_everything(args.seed)
         data, counts = common.load(args)
+        cli.check_data(args, data)
         data.parts, data.t_start = [np.arange(len(data.X))], t_start
         if args.baseline == "pca":
             h = pca(data.X, args.n_components, args.seed)

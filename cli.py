@@ -6,7 +6,8 @@ come from here.
     DataArgs, FedArgs        the options every script shares; FedArgs' defaults are the paper's
     parse_args, tuned_recipe argparse from a dataclass; --recipe tuned reads recipes.json
     check, check_args, check_out, resolve   checks before anything is read; dataset defaults
-    user_errors, Diverged    one `error:` line and exit 2; a diverged run exits 3
+    check_data               checks that need the loaded cells (before any training)
+    user_errors, Diverged    one `error:` line and exit 2; a diverged run exits 3; Ctrl-C exits 130
 """
 import argparse
 import ast
@@ -15,7 +16,9 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import math
 import os
+import signal
 import sys
 import tempfile
 import typing
@@ -24,6 +27,7 @@ import numpy as np
 from dataclasses import dataclass
 
 import data as D
+import formats
 import runs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -56,7 +60,9 @@ class DataArgs:
     label_key: str = ""
     """.h5ad obs column (or HDF5 dataset) with the cell types; scDeepCluster files use Y"""
     labels: str = ""
-    """a separate labels file, one label per line (for CSV/TSV counts)"""
+    """a separate labels file, one label per line (for CSV/TSV counts, 10x folders); with several columns the last; exactly one label per cell"""
+    labels_header: bool = False
+    """the --labels file's first line is a header, not a label. Without this flag every line is a label, except a first line that obviously is not one: a column name (label, cell_type, cluster, x, ...) or text above integer codes, found nowhere else in the file. A blank or NA line before the end is a missing label; one label per cell or the run is refused"""
     transpose: bool = False
     """the counts have genes as rows and cells as columns (CSV/TSV or HDF5)"""
     n_clusters: int = 0
@@ -125,10 +131,17 @@ def _field_docs(cls):
     return docs
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors end like every other input problem: one `error:` line, exit code 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def _parser(cls, with_defaults=True):
     docs = _field_docs(cls)
-    p = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=(cls.__doc__ or "").strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         if not f.init:  # derived fields (the method's name) are not options
             continue
@@ -146,13 +159,24 @@ def _parser(cls, with_defaults=True):
     return p
 
 
+SITES_IGNORE = ("data", "labels", "clients", "partition", "types_per_client", "dirichlet_alpha", "shuffle_classes")
+RECORDED_WHEN_GIVEN = ("labels_header",)  # options newer than the results: rows of runs without them still match
+
+
 def parse_args(cls, argv=None):
     """The dataclass from the command line. With --recipe tuned, the method's tuned values from
-    recipes.json replace the defaults of the options they name, unless given explicitly."""
+    recipes.json replace the defaults of the options they name, unless given explicitly. Options
+    that --sites makes meaningless are refused when given with it."""
     args = cls(**vars(_parser(cls).parse_args(argv)))
     args.method = args.method  # a derived field: an attribute of the instance, so rows record it
+    given = vars(_parser(cls, with_defaults=False).parse_args(argv))
+    for k in RECORDED_WHEN_GIVEN:
+        if k not in given:
+            vars(args).pop(k, None)  # the class default still answers args.<k>
+    ignored = [f"--{k.replace('_', '-')}" for k in SITES_IGNORE if k in given and getattr(args, "sites", None)]
+    check(not ignored, f"--sites makes one client of each file, so {', '.join(ignored)} would be ignored "
+                       f"(and recorded as if used): drop {'it' if len(ignored) == 1 else 'them'}")
     if getattr(args, "recipe", "paper") == "tuned":
-        given = vars(_parser(cls, with_defaults=False).parse_args(argv))
         recipe = tuned_recipe(args.method)
         for k, v in recipe.items():
             if k not in given:
@@ -163,25 +187,45 @@ def parse_args(cls, argv=None):
 def tuned_recipe(method):
     if not os.path.exists(RECIPES):
         raise D.DataError(f"--recipe tuned needs {os.path.basename(RECIPES)}: run `bash run_all.sh tune` first")
-    with open(RECIPES) as f:
-        recipes = json.load(f)["recipes"]
+    try:
+        with open(RECIPES) as f:
+            recipes = json.load(f)["recipes"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise D.DataError(f"{os.path.basename(RECIPES)} is not readable ({type(e).__name__}: {e}): run `bash run_all.sh tune`") from None
     if method not in recipes:
         raise D.DataError(f"{os.path.basename(RECIPES)} has no tuned recipe for {method}: run `bash run_all.sh tune`")
     return recipes[method]
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def user_errors():
     """Input problems end the run with one `error:` line and exit code 2 (no traceback, no row);
-    a diverged training run ends with one `diverged:` line and exit code 3 (its row says so)."""
+    a diverged training run ends with one `diverged:` line and exit code 3 (its row says so);
+    Ctrl-C or SIGTERM ends it with one `interrupted:` line and exit code 130, leaving a whole
+    run (folder and row) or nothing (runs.save_run)."""
+    import threading
+    main = threading.current_thread() is threading.main_thread()
+    term = signal.signal(signal.SIGTERM, _interrupt) if main else None
+    line = lambda e: " ".join(l.strip() for l in str(e).splitlines() if l.strip())  # a library's message may span lines
     try:
         yield
     except D.DataError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Diverged as e:
-        print(f"diverged: {e}", file=sys.stderr, flush=True)
+        print(f"diverged: {line(e)}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except KeyboardInterrupt:
+        print(f"interrupted: {f'the run was saved whole in {runs.saved}' if runs.saved else 'nothing saved'}",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, term)
 
 
 def check(ok, msg):
@@ -192,8 +236,11 @@ def check(ok, msg):
 
 def check_args(args):
     """Every argument that can be checked without the data, before anything is read or trained
-    (a method's own arguments are checked by its Args.__post_init__)."""
+    (a method's own arguments are checked by its Args.__post_init__; here, that each is finite)."""
     need = check
+    for f in dataclasses.fields(args):
+        if f.type is float:
+            need(math.isfinite(getattr(args, f.name)), f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(args, f.name)}")
     if isinstance(args, FedArgs) and args.threads == 0:  # every core this process may use
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     for name in ("threads",) + (("clients", "rounds", "local_epochs") if isinstance(args, FedArgs) else ()):
@@ -201,6 +248,11 @@ def check_args(args):
     need(0 <= args.seed < 2 ** 32, f"--seed must be in [0, 2^32), got {args.seed}")
     need(args.n_genes >= 0, f"--n-genes must be positive (or 0 for the default), got {args.n_genes}")
     need(args.n_clusters == 0 or args.n_clusters >= 2, f"--n-clusters must be at least 2 (or 0 = number of types), got {args.n_clusters}")
+    need(not (args.labels and args.label_key), "--labels and --label-key both give the labels: give one")
+    need(args.labels or not args.labels_header, "--labels-header is about a --labels file: give one, or drop it")
+    if args.labels:
+        formats.check_path(args.labels, "--labels")
+        args.labels = formats.Labels(args.labels, args.labels_header)  # read_labels applies the header rule
     if isinstance(args, FedArgs):
         if args.sites:
             args.clients = len(args.sites)  # one client per site file
@@ -208,34 +260,44 @@ def check_args(args):
         need(0 <= args.mask_rate < 1, f"--mask-rate must be in [0, 1), got {args.mask_rate}")
         need(args.lr > 0, f"--lr must be positive, got {args.lr}")
         need(args.types_per_client >= 0, f"--types-per-client must be at least 1 (or 0 = the default), got {args.types_per_client}")
-        need(args.dirichlet_alpha > 0, f"--dirichlet-alpha must be positive, got {args.dirichlet_alpha}")
+        need(args.dirichlet_alpha >= 0.01, f"--dirichlet-alpha must be positive and at least 0.01 (below, numpy's "
+                                           f"Dirichlet draws underflow to NaN and the split would silently be uniform), got {args.dirichlet_alpha}")
         need(args.eval_every >= 0, f"--eval-every must be 0 (off) or more, got {args.eval_every}")
-        need(args.momentum >= 0 and args.weight_decay >= 0, "--momentum and --weight-decay must be 0 or more")
+        need(0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}")
+        need(args.weight_decay >= 0, f"--weight-decay must be 0 or more, got {args.weight_decay}")
     check_out(args.out)
 
 
 def check_out(out):
-    """--out must be a results CSV (or a new file) in a folder we can write to."""
+    """--out must be a results CSV that append_row can read (with pandas, as it does) and replace, or
+    a new or empty file, in a folder we can write to, beside a run folder (runs/) we can create."""
     if not os.path.basename(out):
         raise D.DataError(f"--out '{out}' names no file; give a CSV file path such as runs/results.csv")
     if os.path.isdir(out):
         raise D.DataError(f"--out '{out}' is a directory; give a CSV file path, e.g. {os.path.join(out, 'results.csv')}")
-    if os.path.exists(out) and os.path.getsize(out) > 0:
-        try:
-            with open(out) as f:
-                header = f.readline()
-        except (OSError, UnicodeDecodeError) as e:
-            raise D.DataError(f"--out '{out}' cannot be read as a results CSV ({e})") from None
-        if "config_id" not in header.split(","):
-            raise D.DataError(f"--out '{out}' exists and is not a results CSV of these scripts; "
-                              f"choose another file (rows are appended, never overwritten)")
-    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.lexists(out) and not os.path.isfile(out):
+        raise D.DataError(f"--out '{out}' exists and is not a regular file (a link to nothing, a FIFO or a device); "
+                          f"give a CSV file path")
+    columns = runs.read_rows(out).columns  # unreadable or unparseable: refused now, not after training
+    if len(columns) and "config_id" not in columns:
+        raise D.DataError(f"--out '{out}' exists and is not a results CSV of these scripts; "
+                          f"choose another file (rows are appended, never overwritten)")
+    folder, run_dir = os.path.dirname(os.path.realpath(out)), runs.runs_dir(out)
+    for what, path, kind in (("--out", folder, "folder"), ("its run folder", run_dir, "folder"),
+                             ("its lock file", os.path.realpath(out) + ".lock", "file")):
+        if os.path.lexists(path) and not (os.path.isdir(path) if kind == "folder" else os.path.isfile(path)):
+            raise D.DataError(f"--out '{out}': {what} {path} exists and is not a {kind}; move it away or choose another --out")
+    parent = folder  # the folders are made when the run is saved; here, only where they would be
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
+        for where in {parent, run_dir if os.path.isdir(run_dir) else parent}:
+            if not os.path.isdir(where):
+                raise NotADirectoryError(20, "not a folder", where)
+            with tempfile.NamedTemporaryFile(dir=where):
+                pass
     except OSError as e:
-        raise D.DataError(f"--out '{out}': cannot write to {folder} ({e.strerror or e})") from None
+        raise D.DataError(f"--out '{out}': cannot write to {e.filename or folder} ({e.strerror or e})") from None
 
 
 _SHA256 = {}  # (path, size, mtime): sha256, so a benchmark resolving hundreds of runs reads each file once
@@ -255,9 +317,17 @@ def resolve(args, script=None):
     if getattr(args, "sites", None):  # the sites' files, in order
         for k, site in enumerate(args.sites):
             check(os.path.exists(site), f"site {k} ('{site}'): the file does not exist")
-        digest = hashlib.sha256("".join(file_sha256(s) for s in args.sites).encode()).hexdigest()
+            formats.check_path(site, f"site {k}")
+        digests = [file_sha256(s) for s in args.sites]
+        for k, d in enumerate(digests):
+            j = digests.index(d)
+            check(j == k, f"site {k} ('{args.sites[k]}') is the same {'file' if os.path.samefile(args.sites[j], args.sites[k]) else 'data'} "
+                          f"as site {j} ('{args.sites[j]}'): give each site's file once")
+        digest = hashlib.sha256("".join(digests).encode()).hexdigest()
     else:
-        digest = file_sha256(D.resolve_data(args.data))
+        path = D.resolve_data(args.data)
+        formats.check_path(path, "--data")
+        digest = file_sha256(path)
     bench = next((b for b in D.BENCHMARKS.values() if b["sha256"] == digest), {})
     args.n_genes = args.n_genes or bench.get("n_genes", D.DEFAULT_N_GENES)
     if isinstance(args, FedArgs) and not args.types_per_client and "types_per_client" in bench:
@@ -272,3 +342,16 @@ def default_types_per_client(args, y):
     if args.partition == "class" and y is not None and not args.types_per_client:
         args.types_per_client = max(1, len(np.unique(y)) // args.clients)
         print(f"types per client: {args.types_per_client} (floor of {len(np.unique(y))} types / {args.clients} clients)")
+
+
+def check_data(args, data):
+    """What needs the loaded cells, before any training: at least two clusters and no more than the
+    cells, and a MoCo queue not far above the cell count (it would hold mostly random starting keys)."""
+    n, k = len(data.X), data.n_clusters
+    check(k >= 2, f"the data have a single cell type ('{data.label_names[0] if data.label_names is not None else '?'}'): "
+                  f"one cluster says nothing (ARI would be 100); give data with several types or --n-clusters K")
+    check(k <= n, f"--n-clusters {k} is more than the {n} cells")
+    queue = getattr(args, "queue_size", None)
+    most = max(n, type(args).__dataclass_fields__["queue_size"].default) if queue else 0
+    check(not queue or queue <= most, f"--queue-size {queue} is far above the {n} cells: a client's queue would hold "
+                                      f"mostly its random starting keys; use at most {most}")

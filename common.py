@@ -270,6 +270,7 @@ def setup(args):
     seed_everything(args.seed)
     data = federated.load_sites(args) if args.sites else federated.load_federated(args) if args.preprocess == "federated" else load(args)[0]
     data.t_start = t_start
+    cli.check_data(args, data)
     if len(data.X) < args.clients:
         raise D.DataError(f"{len(data.X)} cells for {args.clients} clients; use fewer --clients")
     cli.default_types_per_client(args, data.y)

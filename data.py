@@ -41,42 +41,30 @@ def read_counts(path, label_key=None, labels=None, transpose=False, layer=None, 
     import formats
     names = {} if names is None else names
     if os.path.isdir(path):
-        if layer or label_key:
-            raise DataError(f"'{path}' is a 10x folder: it has no layers or labels (give --labels FILE)")
-        X, used = formats.read_10x_mtx(path, names)
-        y = None
-        if labels:
-            y = formats.read_labels(labels)
-            y = y[1:] if len(y) == X.shape[0] + 1 else y
-        return check_counts(X, y, path) + (used,)
-    if not os.path.isfile(path):
+        if layer or label_key or transpose:
+            raise DataError(f"'{path}' is a 10x folder (genes x cells, read as cells x genes): it takes no "
+                            f"--layer, --label-key or --transpose (give labels with --labels FILE)")
+        (X, used), y = formats.read_10x_mtx(path, names), None
+    elif not os.path.isfile(path):
         raise DataError(f"data file '{path}' does not exist or is not a file")
-    with open(path, "rb") as f:
-        is_hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
-    rows = None
-    if is_hdf5:
-        X, y, used = formats.read_h5(path, label_key, layer, names)
-        if transpose:
-            X = X.T
-    elif path.endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")):
-        if layer or label_key:
-            raise DataError(f"--{'layer' if layer else 'label-key'} is for HDF5 files; '{path}' is a table "
-                            f"(give its labels with --labels FILE)")
-        X, rows, cols = formats.read_table(path, transpose)
-        y, used = None, "table" + (" (transposed)" if transpose else "")
-        names.update(barcodes=rows, genes=cols)
-        if not transpose and formats._genes_as_rows(rows, cols):
-            raise DataError(f"'{path}': the rows look like genes ({rows[0]}, ...) and the columns like "
-                            f"cells ({cols[0]}, ...): the table is probably genes x cells; pass --transpose")
     else:
-        raise DataError(f"'{path}' is neither HDF5 (.h5/.h5ad) nor a .csv/.tsv/.txt table")
-    if labels:
-        y = formats.read_labels(labels)
-        if len(y) == X.shape[0] + 1:  # a header line
-            y = y[1:]
-        if len(y) not in (X.shape[0], X.shape[0] + 1) and len(y) in (X.shape[1], X.shape[1] + 1):
-            raise DataError(f"{len(y)} labels match the {X.shape[1]} columns, not the {X.shape[0]} rows: "
-                            f"the counts are probably genes x cells; {'drop' if transpose else 'pass'} --transpose")
+        with open(path, "rb") as f:
+            is_hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
+        if is_hdf5:
+            X, y, used = formats.read_h5(path, label_key, layer, names, transpose)
+        elif path.endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")):
+            if layer or label_key:
+                raise DataError(f"--{'layer' if layer else 'label-key'} is for HDF5 files; '{path}' is a table "
+                                f"(give its labels with --labels FILE)")
+            X, rows, cols = formats.read_table(path, transpose)
+            y, used = None, "table" + (" (transposed)" if transpose else "")
+            names.update(barcodes=rows, genes=cols)
+        else:
+            raise DataError(f"'{path}' is neither HDF5 (.h5/.h5ad) nor a .csv/.tsv/.txt table")
+    formats.check_orientation(names, path, transpose)
+    if labels:  # one per cell; the header rule is formats.read_labels'
+        y = formats.read_labels(labels, X.shape, transpose)
+    formats.check_names(X, y, names, path)
     return check_counts(X, y, path) + (used,)
 
 
@@ -85,8 +73,8 @@ def check_counts(X, y, what="data"):
     if X.ndim != 2 or min(X.shape) == 0:
         raise DataError(f"{what}: counts must be a non-empty cells x genes matrix, got shape {X.shape}")
     vals = X.data if sp.issparse(X) else X
-    if not np.issubdtype(vals.dtype, np.number):
-        raise DataError(f"{what}: counts are not numeric (dtype {vals.dtype})")
+    if vals.dtype.kind not in "iuf":
+        raise DataError(f"{what}: counts are not real numbers (dtype {vals.dtype})")
     if np.isnan(vals).any() or np.isinf(vals).any():
         raise DataError(f"{what}: counts contain NaN or infinite values; raw counts are needed")
     if (vals < 0).any():

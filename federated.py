@@ -207,9 +207,13 @@ def load_sites(args):
         if len(args.sites) > 1 and found.get("genes") is None:
             raise D.DataError(f"site {k} ('{path}') has no gene names, so its genes cannot be matched "
                               f"with the other sites'")
-        barcodes = found.get("barcodes")
+        barcodes, genes = found.get("barcodes"), found.get("genes")
         if barcodes is not None and len(set(barcodes)) < len(barcodes):
             raise D.DataError(f"site {k} ('{path}') has duplicate cell barcodes")
+        if len(args.sites) > 1 and len(set(genes)) < len(genes):  # genes are matched by name
+            dup = next(g for g, n in zip(*np.unique(genes, return_counts=True)) if n > 1)
+            raise D.DataError(f"site {k} ('{path}') names {len(genes) - len(set(genes))} genes twice (e.g. '{dup}'), so "
+                              f"they cannot be matched by name across sites; make its gene names unique")
         reads.append((counts, None if y is None else names[y], found.get("genes"), barcodes, used))
     genes = reads[0][2] if reads[0][2] is not None else None
     if genes is not None:

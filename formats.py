@@ -3,6 +3,7 @@ Ranger HDF5 and mtx folders, CSV/TSV tables, labels files) and the writers (HDF5
 anndata, atomic writes). Support code, not the lesson. Every problem raises data.DataError.
 """
 import os
+import re
 
 import numpy as np
 import scipy.sparse as sp
@@ -20,9 +21,16 @@ def _h5_matrix(node):
         return node[()]
     enc = node.attrs.get("encoding-type", node.attrs.get("h5sparse_format", b""))
     enc = enc.decode() if isinstance(enc, bytes) else str(enc)
-    shape = tuple(node.attrs["shape"] if "shape" in node.attrs else node.attrs["h5sparse_shape"])
+    shape = node.attrs.get("shape", node.attrs.get("h5sparse_shape"))
+    missing = [k for k in ("data", "indices", "indptr") if k not in node]
+    if missing or shape is None or not ("csr" in enc or "csc" in enc):
+        raise DataError(f"'{node.name}' is a group but not a sparse matrix: it needs data, indices, indptr "
+                        f"and a shape attribute with a csr/csc encoding (missing: {', '.join(missing + (['shape'] if shape is None else [])) or 'encoding'})")
     cls = sp.csc_matrix if "csc" in enc else sp.csr_matrix
-    return cls((node["data"][()], node["indices"][()], node["indptr"][()]), shape=shape)
+    try:
+        return cls((node["data"][()], node["indices"][()], node["indptr"][()]), shape=tuple(int(n) for n in shape))
+    except (ValueError, TypeError) as e:
+        raise DataError(f"'{node.name}': the sparse matrix is inconsistent ({e})") from None
 
 
 def _decode(a):
@@ -30,52 +38,86 @@ def _decode(a):
     return a.astype(str) if a.dtype.kind in "SO" else a
 
 
+def _h5ad_values(node):
+    """An AnnData array element as an array with None where a value is missing: a plain dataset,
+    a nullable integer / boolean / string array (values + mask), or a categorical (codes + categories)."""
+    import h5py
+    if isinstance(node, h5py.Dataset):
+        return _decode(node[()])
+    enc = node.attrs.get("encoding-type", "")
+    enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+    if enc == "categorical" or {"codes", "categories"} <= set(node.keys()):
+        codes, cats = node["codes"][()], _h5ad_values(node["categories"])
+        if len(codes) and codes.max() >= len(cats):
+            raise DataError(f"'{node.name}': category codes go up to {codes.max()} but there are {len(cats)} categories")
+        return np.where(codes >= 0, cats.astype(object)[np.maximum(codes, 0)], None)
+    if {"values", "mask"} <= set(node.keys()):  # nullable-integer, nullable-boolean, nullable-string-array
+        return np.where(node["mask"][()], None, _decode(node["values"][()]).astype(object))
+    raise DataError(f"'{node.name}' is stored as '{enc or 'a group'}', which is not a column of values")
+
+
 def _h5ad_column(f, key):
-    """An obs column of an .h5ad file: categorical (codes + categories) or plain."""
+    """An obs column of an .h5ad file: plain, nullable or categorical (anndata >= 0.8 or < 0.8)."""
     obs = f["obs"]
     if key not in obs:
         cols = [k for k in obs.keys() if not k.startswith("_")]
         raise DataError(f"obs has no column '{key}'; columns are: {', '.join(cols)}")
-    col = obs[key]
-    if hasattr(col, "keys"):  # anndata >= 0.8 categorical: group with codes and categories
-        codes, cats = col["codes"][()], _decode(col["categories"][()])
-        return np.where(codes >= 0, cats[np.maximum(codes, 0)], None)
-    values = _decode(col[()])
+    values = _h5ad_values(obs[key])
     if "__categories" in obs and key in obs["__categories"]:  # anndata < 0.8 categorical
-        cats = _decode(obs["__categories"][key][()])
-        return np.where(values >= 0, cats[np.maximum(values, 0)], None)
+        cats = _decode(obs["__categories"][key][()]).astype(object)
+        codes = np.asarray(values).astype(int)
+        if len(codes) and codes.max() >= len(cats):
+            raise DataError(f"obs column '{key}': codes go up to {codes.max()} but there are {len(cats)} categories")
+        return np.where(codes >= 0, cats[np.maximum(codes, 0)], None)
     return values
 
 
-def _gene_expression(types):
+def _gene_expression(types, n):
     """Rows of a 10x feature list that are genes (Cell Ranger also lists antibody captures etc.)."""
-    return np.ones(len(types), bool) if types is None else np.asarray(types).astype(str) == "Gene Expression"
+    return np.ones(n, bool) if types is None else np.asarray(types).astype(str) == "Gene Expression"
 
 
 def read_10x_h5(f, path, names):
     """Cell Ranger HDF5 (filtered_feature_bc_matrix.h5): v3 /matrix with features/, v2 /<genome>
     with genes/gene_names; genes x cells CSC, returned as cells x genes (gene expression only)."""
-    g = f["matrix"] if "matrix" in f else f[next(k for k in f.keys() if "barcodes" in f[k])]
-    X = sp.csc_matrix((g["data"][()], g["indices"][()], g["indptr"][()]), shape=tuple(g["shape"][()])).T.tocsr()
+    import h5py
+    g = f["matrix"] if "matrix" in f else f[next(k for k in f.keys() if isinstance(f[k], h5py.Group) and "barcodes" in f[k])]
+    need = ["data", "indices", "indptr", "shape", "barcodes"] + (["features/name"] if "features" in g else ["gene_names"])
+    missing = [k for k in need if k not in g]
+    if missing:
+        raise DataError(f"'{path}' looks like a 10x HDF5 file but its group '{g.name}' lacks {', '.join(missing)}")
+    try:
+        X = sp.csc_matrix((g["data"][()], g["indices"][()], g["indptr"][()]), shape=tuple(g["shape"][()])).T.tocsr()
+    except (ValueError, TypeError) as e:
+        raise DataError(f"'{path}': the 10x matrix is inconsistent ({e})") from None
     if "features" in g:
         genes = _decode(g["features"]["name"][()])
-        keep = _gene_expression(_decode(g["features"]["feature_type"][()]) if "feature_type" in g["features"] else None)
+        keep = _gene_expression(_decode(g["features"]["feature_type"][()]) if "feature_type" in g["features"] else None, len(genes))
     else:
-        genes, keep = _decode(g["gene_names"][()]), np.ones(X.shape[1], bool)
+        genes = _decode(g["gene_names"][()])
+        keep = np.ones(len(genes), bool)
+    if len(genes) != X.shape[1] or len(keep) != X.shape[1]:
+        raise DataError(f"'{path}': the 10x matrix has {X.shape[1]} features but the file names {len(genes)}")
     names.update(genes=genes[keep], barcodes=_decode(g["barcodes"][()]))
     return X[:, np.flatnonzero(keep)], "10x HDF5" + ("" if keep.all() else f" ({keep.sum()} gene expression features)")
+
+
+def _10x_files(folder):
+    """The matrix, features and barcodes files of a 10x folder."""
+    find = lambda *cands: next((os.path.join(folder, c) for c in cands if os.path.isfile(os.path.join(folder, c))), None)
+    files = find("matrix.mtx.gz", "matrix.mtx"), find("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"), \
+        find("barcodes.tsv.gz", "barcodes.tsv")
+    if not all(files):
+        raise DataError(f"'{folder}' is a folder but not a 10x matrix folder: it needs matrix.mtx(.gz), "
+                        f"features.tsv(.gz) or genes.tsv, and barcodes.tsv(.gz)")
+    return files
 
 
 def read_10x_mtx(folder, names):
     """A 10x folder: matrix.mtx(.gz) (genes x cells), features.tsv(.gz) or genes.tsv, barcodes.tsv(.gz)."""
     import pandas as pd
     import scipy.io
-    find = lambda *cands: next((os.path.join(folder, c) for c in cands if os.path.exists(os.path.join(folder, c))), None)
-    mtx = find("matrix.mtx.gz", "matrix.mtx")
-    feats, bcs = find("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"), find("barcodes.tsv.gz", "barcodes.tsv")
-    if not (mtx and feats and bcs):
-        raise DataError(f"'{folder}' is a folder but not a 10x matrix folder: it needs matrix.mtx(.gz), "
-                        f"features.tsv(.gz) or genes.tsv, and barcodes.tsv(.gz)")
+    mtx, feats, bcs = _10x_files(folder)
     try:
         X = sp.csr_matrix(scipy.io.mmread(mtx).T)
         features = pd.read_csv(feats, sep="\t", header=None, dtype=str)
@@ -85,64 +127,84 @@ def read_10x_mtx(folder, names):
     if len(features) != X.shape[1] or len(barcodes) != X.shape[0]:
         raise DataError(f"'{folder}': matrix.mtx is {X.shape[1]} genes x {X.shape[0]} cells but the folder "
                         f"lists {len(features)} features and {len(barcodes)} barcodes")
-    keep = _gene_expression(features[2].to_numpy() if features.shape[1] > 2 else None)
+    keep = _gene_expression(features[2].to_numpy() if features.shape[1] > 2 else None, len(features))
     names.update(genes=features[1 if features.shape[1] > 1 else 0].to_numpy()[keep], barcodes=barcodes)
     return X[:, np.flatnonzero(keep)], "10x mtx folder"
 
 
-def read_h5(path, label_key=None, layer=None, names=None):
+def read_h5(path, label_key=None, layer=None, names=None, transpose=False):
     """scDeepCluster HDF5 (X, Y, optional label_names) or AnnData .h5ad (X, layers/<name>, raw/X,
-    obs columns). Returns (counts, labels or None, which matrix was read)."""
+    obs columns). Returns (counts, labels or None, which matrix was read). With transpose the
+    matrix is genes x cells on disk: it is transposed, and its gene and cell names swap places."""
     import h5py
     try:
         f = h5py.File(path, "r")
     except OSError as e:
         raise DataError(f"cannot read '{path}' as HDF5 ({e})") from None
     names = {} if names is None else names
-    with f:
-        if "matrix" in f or any(isinstance(f[k], h5py.Group) and "barcodes" in f[k] for k in f.keys()):
-            if layer or label_key:
-                raise DataError(f"'{path}' is a 10x HDF5 file: it has no layers or labels (give --labels FILE)")
-            X, used = read_10x_h5(f, path, names)
-            return X, None, used
-        if "obs" in f:  # AnnData layout
-            if layer == "raw":
-                if "raw" not in f or "X" not in f["raw"]:
-                    raise DataError(f"'{path}' has no raw/X; layers are: {', '.join(f.get('layers', {}).keys()) or 'none'}")
-                X, used = _h5_matrix(f["raw"]["X"]), "raw/X"
-            elif layer:
-                if "layers" not in f or layer not in f["layers"]:
-                    raise DataError(f"'{path}' has no layers/{layer}; layers are: "
-                                    f"{', '.join(f.get('layers', {}).keys()) or 'none'}{'; raw/X exists (--layer raw)' if 'raw' in f else ''}")
-                X, used = _h5_matrix(f["layers"][layer]), f"layers/{layer}"
-            elif "X" not in f:
-                raise DataError(f"'{path}' is an AnnData file without X (no counts)")
-            else:
-                X, used = _h5_matrix(f["X"]), "X"
-            others = [f"layers/{k}" for k in f.get("layers", {}).keys()] + (["raw/X"] if "raw" in f else [])
-            var = f["raw"]["var"] if layer == "raw" and "var" in f["raw"] else f.get("var")
-            for ours, group in (("genes", var), ("barcodes", f["obs"])):
-                index = group.attrs.get("_index", "_index") if group is not None else None
-                if group is not None and index in group and isinstance(group[index], h5py.Dataset):
-                    names[ours] = _decode(group[index][()])
-            y = _h5ad_column(f, label_key) if label_key else None
-            return X, y, used + (f" (also in the file: {', '.join(others)})" if others else "")
-        if layer:
-            raise DataError(f"--layer is for .h5ad files; '{path}' is a plain HDF5 file")
-        if "X" not in f:
-            raise DataError(f"'{path}' holds no counts: expected a dataset 'X' (cells x genes); "
-                            f"found {', '.join(f.keys()) or 'nothing'}")
-        X = _h5_matrix(f["X"])
-        key = label_key or "Y"
-        y = f[key][()] if key in f else None
-        if label_key and y is None:
-            raise DataError(f"'{path}' has no labels dataset '{label_key}'")
-        if y is not None and key == "Y" and "label_names" in f:  # integer codes -> their names
-            y = _decode(f["label_names"][()])[np.asarray(y).astype(int)]
-        for ours, theirs in (("genes", "gene_names"), ("barcodes", "cell_names")):
-            if theirs in f:
-                names[ours] = _decode(f[theirs][()])
-        return X, _decode(y) if y is not None else None, "X"
+    try:
+        with f:
+            X, y, used = _read_h5(f, path, label_key, layer, names)
+    except (OSError, KeyError, ValueError, TypeError, IndexError) as e:  # a damaged or unexpected file
+        raise DataError(f"cannot read '{path}' ({type(e).__name__}: {e})") from None
+    if transpose:
+        if used.startswith("10x"):
+            raise DataError(f"'{path}' is a 10x HDF5 file, always genes x cells on disk and read as cells x genes: drop --transpose")
+        X = X.T
+        genes, barcodes = names.pop("genes", None), names.pop("barcodes", None)
+        names.update({k: v for k, v in (("genes", barcodes), ("barcodes", genes)) if v is not None})
+    return X, y, used
+
+
+def _read_h5(f, path, label_key, layer, names):
+    import h5py
+    if "matrix" in f or any(isinstance(f[k], h5py.Group) and "barcodes" in f[k] for k in f.keys()):
+        if layer or label_key:
+            raise DataError(f"'{path}' is a 10x HDF5 file: it has no layers or labels (give --labels FILE)")
+        X, used = read_10x_h5(f, path, names)
+        return X, None, used
+    if "obs" in f:  # AnnData layout
+        if layer == "raw":
+            if "raw" not in f or "X" not in f["raw"]:
+                raise DataError(f"'{path}' has no raw/X; layers are: {', '.join(f.get('layers', {}).keys()) or 'none'}")
+            X, used = _h5_matrix(f["raw"]["X"]), "raw/X"
+        elif layer:
+            if "layers" not in f or layer not in f["layers"]:
+                raise DataError(f"'{path}' has no layers/{layer}; layers are: "
+                                f"{', '.join(f.get('layers', {}).keys()) or 'none'}{'; raw/X exists (--layer raw)' if 'raw' in f else ''}")
+            X, used = _h5_matrix(f["layers"][layer]), f"layers/{layer}"
+        elif "X" not in f:
+            raise DataError(f"'{path}' is an AnnData file without X (no counts)")
+        else:
+            X, used = _h5_matrix(f["X"]), "X"
+        others = [f"layers/{k}" for k in f.get("layers", {}).keys()] + (["raw/X"] if "raw" in f else [])
+        var = f["raw"]["var"] if layer == "raw" and "var" in f["raw"] else f.get("var")
+        for ours, group in (("genes", var), ("barcodes", f["obs"])):
+            index = group.attrs.get("_index", "_index") if group is not None else None
+            if group is not None and index in group and isinstance(group[index], h5py.Dataset):
+                names[ours] = _decode(group[index][()])
+        y = _h5ad_column(f, label_key) if label_key else None
+        return X, y, used + (f" (also in the file: {', '.join(others)})" if others else "")
+    if layer:
+        raise DataError(f"--layer is for .h5ad files; '{path}' is a plain HDF5 file")
+    if "X" not in f:
+        raise DataError(f"'{path}' holds no counts: expected a dataset 'X' (cells x genes); "
+                        f"found {', '.join(f.keys()) or 'nothing'}")
+    X = _h5_matrix(f["X"])
+    key = label_key or "Y"
+    y = f[key][()] if key in f else None
+    if label_key and y is None:
+        raise DataError(f"'{path}' has no labels dataset '{label_key}'")
+    if y is not None and key == "Y" and "label_names" in f:  # integer codes -> their names
+        label_names, y = _decode(f["label_names"][()]), np.asarray(y)
+        if (y.dtype.kind not in "iuf" or y.ndim != 1 or not np.all(np.isfinite(y) & (y == np.round(y)))
+                or (len(y) and (y.min() < 0 or y.max() >= len(label_names)))):
+            raise DataError(f"'{path}': Y must hold one integer code 0..{len(label_names) - 1} of label_names per cell")
+        y = label_names[y.astype(int)]
+    for ours, theirs in (("genes", "gene_names"), ("barcodes", "cell_names")):
+        if theirs in f:
+            names[ours] = _decode(f[theirs][()])
+    return X, _decode(y) if y is not None else None, "X"
 
 
 def _data_not_names(names, header):
@@ -187,33 +249,136 @@ def read_table(path, transpose=False):
                         f"(cells as rows, or genes as rows with --transpose)") from None
 
 
+# Genes that every scRNA-seq count table holds (mitochondrial, ribosomal, housekeeping), human or mouse
+_GENE = re.compile(r"^(ENS[A-Z]*G\d{6,}(\.\d+)?|MT-.+|RP[LS]\d+[A-Z]?\d*|ACTB|GAPDH|B2M|MALAT1|TMSB4X|TMSB10|EEF1A1|TPT1|"
+                   r"FTL1?|FTH1|UBB|UBC|HSP90AB1|PTMA|NEAT1|TUBA1B|PPIA|CD74|LYZ2?)$", re.IGNORECASE)
+
+
 def _genes_as_rows(rows, cols):
-    """True when the row names look like genes (Ensembl ids) or the column names like cell
-    barcodes (a run of 10+ A/C/G/T): the table is probably genes x cells."""
-    import re
+    """True when the row names look like genes (Ensembl ids, or at least 3 well-known gene symbols
+    where the columns have almost none) or the column names like cell barcodes (a run of 10+
+    A/C/G/T): the table is then probably genes x cells."""
     share = lambda names, pat: np.mean([bool(re.search(pat, str(n))) for n in names[:200]]) if len(names) else 0
-    return share(rows, r"^ENS[A-Z]*G\d{6,}") > 0.5 or share(cols, r"[ACGT]{10,}") > 0.5
+    genes = lambda names: sum(bool(_GENE.match(str(n))) for n in names)
+    return (share(rows, r"^ENS[A-Z]*G\d{6,}") > 0.5 or share(cols, r"[ACGT]{10,}") > 0.5
+            or genes(rows) >= max(3, 10 * genes(cols)))
 
 
-def read_labels(path):
-    """One label per line (optionally a header line); with several columns (comma or tab) the last is used."""
+def check_orientation(names, path, transpose):
+    """Gene and cell names (when the file has both) that say the matrix is the other way round."""
+    if names.get("genes") is not None and names.get("barcodes") is not None and _genes_as_rows(names["barcodes"], names["genes"]):
+        raise DataError(f"'{path}': the cells are named like genes ({names['barcodes'][0]}, ...) and the genes like "
+                        f"cells ({names['genes'][0]}, ...): the matrix is probably the other way round; "
+                        f"{'drop' if transpose else 'pass'} --transpose")
+
+
+def check_names(X, y, names, path):
+    """Gene names, cell names and labels must each be a list with one entry per gene / cell."""
+    for what, values, n, unit in (("gene names", names.get("genes"), X.shape[1], "genes"),
+                                  ("cell names", names.get("barcodes"), X.shape[0], "cells"), ("labels", y, X.shape[0], "cells")):
+        if values is not None and np.ndim(values) != 1:
+            raise DataError(f"'{path}': {what} of shape {np.shape(values)}; there must be a list of one per {unit[:-1]}")
+        if values is not None and len(values) != n:
+            raise DataError(f"'{path}': {len(values)} {what} for {n} {unit}; they must match"
+                            + (" (cells are rows; use --transpose if genes are rows)" if unit == "cells" else ""))
+
+
+class Labels(str):
+    """A --labels path that carries whether --labels-header declared its first line a header."""
+
+    def __new__(cls, path, header=False):
+        self = super().__new__(cls, path)
+        self.header = header
+        return self
+
+
+HEADER_WORDS = {"label", "labels", "celltype", "celltypes", "cellclass", "type", "cluster", "clusters", "class",
+                "annotation", "identity", "ident", "group", "x", "y"}  # column names, lower case, letters only
+
+
+def read_labels(path, shape=None, transpose=False):
+    """One label per line; with several columns (comma or tab) the last is used. The first line is
+    a header, not a label, only when --labels-header declares it (a Labels path) or when it obviously
+    is not a label of this data: a column name (label, cell_type, cluster, x, ...) or text above
+    integer codes, found nowhere else in the file. Blank lines at the end are ignored; a blank or NA
+    line elsewhere is a missing label. With shape (cells, genes): exactly one label per cell."""
     try:
-        with open(path) as f:
-            lines = [l.rstrip("\r\n") for l in f if l.strip()]
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [l.rstrip("\r\n") for l in f]
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read labels file '{path}' ({e})") from None
-    return np.array([l.replace("\t", ",").split(",")[-1].strip().strip('"') for l in lines])
+    while lines and not lines[-1].strip():
+        lines.pop()
+    values = [l.replace("\t", ",").split(",")[-1].strip().strip('"') for l in lines]
+    code = re.compile(r"-?\d+$")
+    header = getattr(path, "header", False) or (len(values) > 1 and values[0] not in values[1:] and (
+        re.sub(r"[^a-z]", "", values[0].lower()) in HEADER_WORDS
+        or not re.match(r"-?[\d.]+(e-?\d+)?$", values[0]) and all(code.match(v) for v in values[1:])))
+    labels = np.array(values[1:] if header else values)
+    missing = [k + 1 + header for k, v in enumerate(labels) if v.lower() in ("", "na", "nan", "none", "null")]
+    if missing:
+        raise DataError(f"labels file '{path}': line {missing[0]} has no label ({len(missing)} such line(s)); "
+                        f"every cell needs one")
+    if shape is None or len(labels) == shape[0]:
+        return labels
+    n = shape[0]
+    if len(labels) == shape[1]:
+        hint = (f"they match the {shape[1]} columns, not the {n} rows: the counts are probably genes x cells; "
+                f"{'drop' if transpose else 'pass'} --transpose")
+    elif len(labels) == n + 1 and not header:
+        hint = f"if its first line ('{values[0]}') is a header, pass --labels-header"
+    elif len(labels) == n - 1 and getattr(path, "header", False):
+        hint = "--labels-header made its first line a header: drop it if that line is a label"
+    else:
+        hint = "they must match, one label per cell in the order of the cells"
+    raise DataError(f"labels file '{path}': {len(labels)} labels for {n} cells; {hint}")
 
 
 def read_column(path, key):
     """A per-cell column of a file: an HDF5 dataset (e.g. batch) or an .h5ad obs column, as text."""
     import h5py
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise DataError(f"'{path}' is not an HDF5 file: a per-cell column such as '{key}' is read from an "
+                        f"HDF5 dataset or an .h5ad obs column") from None
+    with f:
         if "obs" in f:
-            return np.asarray(_h5ad_column(f, key)).astype(str)
-        if key not in f:
+            values = _h5ad_column(f, key)
+        elif key not in f or not isinstance(f[key], h5py.Dataset):
             raise DataError(f"'{path}' has no dataset '{key}'; it has: {', '.join(f.keys())}")
-        return _decode(f[key][()]).astype(str)
+        else:
+            values = _decode(f[key][()])
+    values = np.asarray(values, dtype=object)
+    missing = sum(v is None or (isinstance(v, float) and np.isnan(v)) for v in values.tolist())
+    if values.ndim != 1 or missing:
+        raise DataError(f"'{path}': the column '{key}' must give every cell one value"
+                        + (f" ({missing} cells have none)" if missing else f" (its shape is {values.shape})"))
+    return values.astype(str)
+
+
+def check_path(path, what):
+    """An input named on the command line: a regular, non-empty file, or a 10x folder of such files;
+    never a FIFO, device or socket (reading one blocks or never ends)."""
+    import stat as S
+    try:
+        st = os.stat(path)
+        mode, size = st.st_mode, st.st_size
+    except OSError as e:
+        raise DataError(f"{what} '{path}' cannot be opened ({e.strerror})") from None
+    if S.S_ISDIR(mode):
+        _10x_files(path)
+        odd = [f for f in sorted(os.listdir(path)) if not os.path.isfile(os.path.join(path, f))]
+        if odd:
+            raise DataError(f"{what} '{path}' holds '{odd[0]}', which is not a file; a 10x folder holds only "
+                            f"its matrix, features and barcodes files")
+    elif not S.S_ISREG(mode):
+        kind = "a FIFO" if S.S_ISFIFO(mode) else "a device" if S.S_ISCHR(mode) or S.S_ISBLK(mode) else "a socket"
+        raise DataError(f"{what} '{path}' is {kind}, not a file; give a data file")
+    elif size == 0:
+        raise DataError(f"{what} '{path}' is empty")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{what} '{path}' is not readable")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,47 +9,74 @@ takes it. Example: `python split.py baron_mouse_pancreas --by batch` gives one f
 """
 import argparse
 import os
+import re
 
 import numpy as np
 import scipy.sparse as sp
 
+import cli
 import common
 import formats
 import data as D
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="a benchmark name or a path (any format --data takes)")
     p.add_argument("--by", required=True, help="'partition', or the name of a per-cell column (e.g. batch)")
-    p.add_argument("--out", default="sites", help="folder for the site files")
+    p.add_argument("--out", default="sites", help="folder for the site files (existing site files are never overwritten)")
     p.add_argument("--label-key", default="", help=".h5ad obs column (or HDF5 dataset) with the cell types")
     p.add_argument("--clients", type=int, default=4, help="--by partition: number of sites")
     p.add_argument("--types-per-client", type=int, default=0, help="--by partition: 0 = floor(types / sites)")
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     with common.user_errors():
-        path = D.resolve_data(a.data)
-        found = {}
-        X, y, label_names, used = D.read_counts(path, a.label_key or None, names=found)
-        if a.by == "partition":
-            common.check(y is not None, f"'{path}' has no labels: --by partition needs them (or use --by COLUMN)")
-            c = a.types_per_client or max(1, len(label_names) // a.clients)
-            groups = {f"site{k}": idx for k, idx in enumerate(D.partition(y, a.clients, "class", c, seed=a.seed))}
-        else:
-            column = formats.read_column(path, a.by)
-            common.check(len(column) == X.shape[0], f"'{a.by}' has {len(column)} values for {X.shape[0]} cells")
-            groups = {str(v): np.flatnonzero(column == v) for v in np.unique(column)}
-        os.makedirs(a.out, exist_ok=True)
-        stem = os.path.basename(path).split(".")[0]
-        X = sp.csr_matrix(X)
-        genes = found.get("genes", np.array([f"gene{i}" for i in range(X.shape[1])]))
-        cells = found.get("barcodes", np.array([f"cell{i}" for i in range(X.shape[0])]))
+        split(a)
+
+
+def split(a):
+    """Check everything, read the data, then write one file per site: all of them, or none."""
+    check = common.check
+    check(a.clients >= 1, f"--clients must be at least 1, got {a.clients}")
+    check(a.types_per_client >= 0, f"--types-per-client must be at least 1 (or 0 = the default), got {a.types_per_client}")
+    check(0 <= a.seed < 2 ** 32, f"--seed must be in [0, 2^32), got {a.seed}")
+    check(not os.path.lexists(a.out) or os.path.isdir(a.out), f"--out '{a.out}' exists and is not a folder; give a folder for the site files")
+    path = D.resolve_data(a.data)
+    formats.check_path(path, "the data")
+    found = {}
+    X, y, label_names, used = D.read_counts(path, a.label_key or None, names=found)
+    if a.by == "partition":
+        check(y is not None, f"'{path}' has no labels: --by partition needs them (or use --by COLUMN)")
+        c = a.types_per_client or max(1, len(label_names) // a.clients)
+        groups = {f"site{k}": idx for k, idx in enumerate(D.partition(y, a.clients, "class", c, seed=a.seed))}
+        left = X.shape[0] - len(np.unique(np.concatenate(list(groups.values()))))
+        print(f"{left} of {X.shape[0]} cells are on no site ({c} types per site, {a.clients} sites)"
+              if left else f"every cell is on a site ({c} types per site)", flush=True)
+    else:
+        column = formats.read_column(path, a.by)
+        check(len(column) == X.shape[0], f"'{a.by}' has {len(column)} values for {X.shape[0]} cells")
+        groups = {re.sub(r"[^A-Za-z0-9_.-]+", "_", str(v)): np.flatnonzero(column == v) for v in np.unique(column)}
+        check(len(groups) == len(np.unique(column)), f"two values of '{a.by}' give the same file name; rename them")
+    stem = os.path.basename(path.rstrip(os.sep)).split(".")[0]
+    outs = {name: os.path.join(a.out, f"{stem}_{name}.h5") for name in groups}
+    taken = [f for f in outs.values() if os.path.lexists(f)]
+    check(not taken, f"'{taken[0] if taken else ''}' exists: choose another --out (site files are never overwritten)")
+    X = sp.csr_matrix(X)
+    genes = found.get("genes", np.array([f"gene{i}" for i in range(X.shape[1])]))
+    cells = found.get("barcodes", np.array([f"cell{i}" for i in range(X.shape[0])]))
+    os.makedirs(a.out, exist_ok=True)
+    written = []
+    try:
         for name, idx in groups.items():
-            out = os.path.join(a.out, f"{stem}_{name}.h5")
             extra = {} if y is None else {"Y": y[idx], "label_names": label_names}
-            formats.write_h5(out, X[idx].toarray(), gene_names=genes, cell_names=np.asarray(cells)[idx], **extra)
-            print(f"{out}: {len(idx)} cells", flush=True)
+            written.append(outs[name])
+            formats.write_h5(outs[name], X[idx].toarray(), gene_names=genes, cell_names=np.asarray(cells)[idx], **extra)
+            print(f"{outs[name]}: {len(idx)} cells", flush=True)
+    except BaseException:  # an interrupt or a full disk: no partial set of sites
+        for f in written:
+            if os.path.exists(f):
+                os.remove(f)
+        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,263 @@
+"""Bad input, family by family: each is refused before any training with one DataError (one
+`error:` line and exit 2 in a script), and what is valid keeps reading as before."""
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import cli  # noqa: E402
+import common  # noqa: E402
+import data as D  # noqa: E402
+import formats  # noqa: E402
+import runs  # noqa: E402
+import split  # noqa: E402
+
+TINY = ["--rounds", "1", "--local-epochs", "1", "--n-genes", "50"]
+
+
+def parse(name, argv, tmp):
+    return common.parse_args(importlib.import_module(name).Args, list(argv) + ["--out", str(tmp / "out" / "r.csv")])
+
+
+def refused(expect, name, argv, tmp):
+    """The script's setup (parse, check, read, partition) raises one DataError matching expect."""
+    with pytest.raises(D.DataError, match=expect):
+        common.setup(parse(name, argv, tmp))
+
+
+def synth(tmp, name="s.h5", n=60, genes=40, types=3, **extra):
+    X, y = D.synthetic_counts(n_cells=n, n_genes=genes, n_types=types, seed=1)
+    return formats.write_h5(str(tmp / name), X, Y=y, **extra), X, y
+
+
+# --------------------------------------------------------------------------------------------- --out
+def test_out_is_checked_whole_before_training(tmp_path):
+    out = tmp_path / "r.csv"
+    out.write_text("")  # an empty (touched) file is a new results CSV
+    cli.check_out(str(out))
+    runs.append_row(str(out), {"config_id": "a", "run": "x"})
+    assert list(pd.read_csv(out)["config_id"]) == ["a"]
+    broken = tmp_path / "broken.csv"
+    broken.write_text("config_id,run\na,x\nb,y,z,w\n")
+    with pytest.raises(D.DataError, match="cannot be read as a results CSV .*Expected 2 fields"):
+        cli.check_out(str(broken))
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00config_id\n\x81")
+    with pytest.raises(D.DataError, match="cannot be read as a results CSV"):
+        cli.check_out(str(tmp_path / "binary.csv"))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "runs").write_text("a file where the run folders go")
+    with pytest.raises(D.DataError, match="its run folder .* is not a folder"):
+        cli.check_out(str(tmp_path / "d" / "r.csv"))
+    os.mkfifo(tmp_path / "fifo.csv")
+    with pytest.raises(D.DataError, match="not a regular file"):
+        cli.check_out(str(tmp_path / "fifo.csv"))
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "r.csv.lock").mkdir()
+    with pytest.raises(D.DataError, match="its lock file .* is not a file"):
+        cli.check_out(str(tmp_path / "e" / "r.csv"))
+    assert not os.path.exists(tmp_path / "runs")  # checking creates no run folder
+
+
+# --------------------------------------------------------------------------------------------- labels files
+def test_labels_header_only_when_declared_or_obvious(tmp_path):
+    path, X, y = synth(tmp_path)
+    pd.DataFrame(X, index=[f"c{i}" for i in range(60)], columns=[f"g{j}" for j in range(40)]).to_csv(tmp_path / "t.csv")
+    table, names = str(tmp_path / "t.csv"), np.array(["B", "NK", "T"])
+    lines = list(names[y])
+    (tmp_path / "plus1.txt").write_text("\n".join(["Mono"] + lines) + "\n")  # one line too many: not a header
+    with pytest.raises(D.DataError, match=r"61 labels for 60 cells; if its first line \('Mono'\) is a header, pass --labels-header"):
+        D.read_counts(table, labels=str(tmp_path / "plus1.txt"))
+    yh = D.read_counts(table, labels=formats.Labels(str(tmp_path / "plus1.txt"), header=True))[1]
+    assert np.array_equal(yh, y)  # declared: the first line is dropped, every label on its own cell
+    gap = ["cell_type"] + lines[:30] + [""] + lines[31:]  # a header plus a blank line: not a silent shift
+    (tmp_path / "gap.txt").write_text("\n".join(gap) + "\n\n")
+    with pytest.raises(D.DataError, match="line 32 has no label"):
+        D.read_counts(table, labels=str(tmp_path / "gap.txt"))
+    for first, body in (("cell_type", lines), ("label", [str(v) for v in y]), ('"","x"', lines)):
+        (tmp_path / "h.txt").write_text("\n".join([first] + body))  # obviously a header: dropped
+        assert np.array_equal(D.read_counts(table, labels=str(tmp_path / "h.txt"))[1], y)
+    (tmp_path / "na.txt").write_text("\n".join(lines[:5] + ["NA"] + lines[6:]))
+    with pytest.raises(D.DataError, match="line 6 has no label"):
+        D.read_counts(table, labels=str(tmp_path / "na.txt"))
+    refused("--labels and --label-key both", "fedsc", ["--data", path, "--labels", str(tmp_path / "h.txt"), "--label-key", "Y"], tmp_path)
+    refused("--labels-header is about a --labels file", "fedsc", ["--data", path, "--labels-header"], tmp_path)
+    assert "labels_header" not in vars(parse("fedsc", [], tmp_path))  # recorded only when given
+    assert parse("fedsc", ["--labels", "l.txt", "--labels-header"], tmp_path).labels_header
+
+
+def test_names_and_labels_must_fit_the_matrix(tmp_path):
+    path, X, y = synth(tmp_path, gene_names=[f"g{j}" for j in range(39)])
+    with pytest.raises(D.DataError, match="39 gene names for 40 genes; they must match"):
+        D.read_counts(path)
+    path = formats.write_h5(str(tmp_path / "y2.h5"), X, Y=np.stack([y, y], 1))
+    with pytest.raises(D.DataError, match=r"labels of shape \(60, 2\)"):
+        D.read_counts(path)
+    path = formats.write_h5(str(tmp_path / "codes.h5"), X, Y=y + 5, label_names=["a", "b", "c"])
+    with pytest.raises(D.DataError, match="integer code 0..2 of label_names"):
+        D.read_counts(path)
+
+
+# --------------------------------------------------------------------------------------------- orientation
+def test_h5ad_transpose_swaps_the_names_and_symbol_tables_are_oriented(tmp_path):
+    X, y = D.synthetic_counts(n_cells=50, n_genes=30, seed=2)
+    cells, genes = [f"cell{i}" for i in range(50)], [f"g{j}" for j in range(30)]
+    path = formats.write_h5ad(str(tmp_path / "gxc.h5ad"), X.T, genes, cells)
+    found = {}
+    Xr = D.read_counts(path, transpose=True, names=found)[0]
+    assert np.array_equal(Xr, X) and list(found["barcodes"]) == cells and list(found["genes"]) == genes
+    symbols = ["ACTB", "GAPDH", "MT-CO1", "RPL13", "RPS4X", "B2M"] + [f"GENE{j}" for j in range(24)]
+    pd.DataFrame(X.T, index=symbols, columns=cells).to_csv(tmp_path / "gxc.csv")
+    with pytest.raises(D.DataError, match="pass --transpose"):
+        D.read_counts(str(tmp_path / "gxc.csv"))
+    assert D.read_counts(str(tmp_path / "gxc.csv"), transpose=True)[0].shape == (50, 30)
+    pd.DataFrame(X, index=cells, columns=symbols).to_csv(tmp_path / "cxg.csv")
+    assert D.read_counts(str(tmp_path / "cxg.csv"))[0].shape == (50, 30)
+    with pytest.raises(D.DataError, match="drop --transpose"):
+        D.read_counts(str(tmp_path / "cxg.csv"), transpose=True)
+    h5, _ = _tenx(tmp_path, X)
+    with pytest.raises(D.DataError, match="10x HDF5 .* drop --transpose"):
+        D.read_counts(h5, transpose=True)
+
+
+# --------------------------------------------------------------------------------------------- file layouts
+def test_h5ad_nullable_and_categorical_obs_columns(tmp_path):
+    import anndata
+    X, y = D.synthetic_counts(n_cells=40, n_genes=20, seed=3)
+    obs = pd.DataFrame({"i": pd.array(y, dtype="Int64"), "b": pd.array(y > 1, dtype="boolean"),
+                        "s": pd.Categorical(pd.array(np.array(list("abcd"))[y], dtype="string")),
+                        "gap": pd.array(np.where(np.arange(40) == 7, None, y), dtype="Int64"),
+                        "nancat": pd.Categorical(np.where(np.arange(40) == 3, None, np.array(list("abcd"))[y]))},
+                       index=[f"c{i}" for i in range(40)])
+    with anndata.settings.override(allow_write_nullable_strings=True):
+        anndata.AnnData(sp.csr_matrix(X), obs=obs).write_h5ad(tmp_path / "n.h5ad")
+    path = str(tmp_path / "n.h5ad")
+    for key in ("i", "s"):
+        assert np.array_equal(D.read_counts(path, label_key=key)[1], np.unique(y, return_inverse=True)[1])
+    assert np.array_equal(D.read_counts(path, label_key="b")[1], (y > 1).astype(int))
+    for key in ("gap", "nancat"):
+        with pytest.raises(D.DataError, match="some labels are missing"):
+            D.read_counts(path, label_key=key)
+
+
+def _tenx(tmp, X):
+    m = sp.csc_matrix(X.T.astype(np.int32))
+    path = str(tmp / "tenx.h5")
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g["data"], g["indices"], g["indptr"], g["shape"] = m.data, m.indices, m.indptr, np.array(m.shape)
+        g["barcodes"] = np.array([f"AAACCTGAGAAACCTG-{i}" for i in range(X.shape[0])]).astype("S")
+        g.create_group("features")["name"] = np.array([f"G{j}" for j in range(X.shape[1])]).astype("S")
+    return path, m
+
+
+def test_damaged_hdf5_files(tmp_path):
+    X, y = D.synthetic_counts(n_cells=30, n_genes=20, seed=4)
+    path, m = _tenx(tmp_path, X)
+    with h5py.File(path, "a") as f:
+        del f["matrix/indptr"]
+    with pytest.raises(D.DataError, match="10x HDF5 file but its group '/matrix' lacks indptr"):
+        D.read_counts(path)
+    with h5py.File(tmp_path / "noshape.h5ad", "w") as f:
+        f.create_group("obs")
+        g = f.create_group("X")
+        g.attrs["encoding-type"] = "csr_matrix"
+        g["data"], g["indices"], g["indptr"] = m.data, m.indices, m.indptr
+    with pytest.raises(D.DataError, match="not a sparse matrix.*missing: shape"):
+        D.read_counts(str(tmp_path / "noshape.h5ad"))
+    good = formats.write_h5(str(tmp_path / "g.h5"), X, Y=y)
+    (tmp_path / "cut.h5").write_bytes(open(good, "rb").read()[:3000])  # a truncated download
+    with pytest.raises(D.DataError, match="cannot read"):
+        D.read_counts(str(tmp_path / "cut.h5"))
+
+
+def test_special_files_and_folders_as_data(tmp_path):
+    (tmp_path / "empty.h5").write_bytes(b"")
+    os.mkfifo(tmp_path / "fifo.h5")
+    (tmp_path / "folder").mkdir()
+    for data, expect in ((str(tmp_path / "empty.h5"), "is empty"), (str(tmp_path / "fifo.h5"), "is a FIFO"),
+                         ("/dev/zero", "is a device"), (str(tmp_path / "folder"), "not a 10x matrix folder")):
+        with pytest.raises(D.DataError, match=expect):
+            cli.resolve(parse("fedsc", ["--data", data], tmp_path))
+    with pytest.raises(D.DataError, match="--labels .* is a FIFO"):
+        cli.check_args(parse("fedsc", ["--labels", str(tmp_path / "fifo.h5")], tmp_path))
+
+
+# --------------------------------------------------------------------------------------------- options
+@pytest.mark.parametrize("name,flag,value,expect", [
+    ("fedsc", "--lr", "inf", "--lr must be a finite number"), ("fedsc", "--momentum", "inf", "--momentum must be a finite"),
+    ("fedsc", "--momentum", "1.5", r"--momentum must be in \[0, 1\)"), ("fedsc", "--alpha", "inf", "--alpha must be a finite"),
+    ("fedsimclr", "--temperature", "inf", "--temperature must be a finite"), ("fedmoco", "--temperature", "nan", "--temperature must be"),
+    ("fedbyol", "--weight-decay", "-inf", "--weight-decay must be a finite"), ("centralized", "--csc-lr", "inf", "--csc-lr must be a finite"),
+    ("fedsc", "--dirichlet-alpha", "1e-10", "--dirichlet-alpha must be positive and at least 0.01")])
+def test_every_float_option_is_finite_and_in_range(name, flag, value, expect, tmp_path):
+    with pytest.raises(D.DataError, match=expect):
+        cli.check_args(parse(name, [f"{flag}={value}"], tmp_path))
+
+
+def test_data_that_cannot_be_clustered_or_queued(tmp_path):
+    path, X, y = synth(tmp_path, types=1)
+    refused(r"single cell type \('0'\): one cluster says nothing", "fedsc", ["--data", path, "--partition", "iid"], tmp_path)
+    path, X, y = synth(tmp_path, name="q.h5")
+    refused("--queue-size 100000 is far above the 60 cells.*at most 256", "fedmoco", ["--data", path, "--queue-size", "100000"], tmp_path)
+
+
+def test_sites_refuse_what_they_would_ignore_twice_given_files_and_duplicate_genes(tmp_path):
+    a, X, y = synth(tmp_path, "a.h5", gene_names=[f"g{j}" for j in range(40)])
+    b = formats.write_h5(str(tmp_path / "b.h5"), X[:30], Y=y[:30], gene_names=[f"g{j % 39}" for j in range(40)])
+    for flags in (["--clients", "3"], ["--partition", "iid"], ["--types-per-client", "1"], ["--data", a], ["--labels", "l.txt"]):
+        with pytest.raises(D.DataError, match=f"--sites makes one client of each file, so {flags[0]} would be ignored"):
+            parse("fedsc", ["--sites", a, b] + flags, tmp_path)
+    os.symlink(a, tmp_path / "link.h5")
+    refused(r"site 1 \('.*link.h5'\) is the same file as site 0", "fedsc", ["--sites", a, str(tmp_path / "link.h5")], tmp_path)
+    refused(r"site 1 \('.*b.h5'\) names 1 genes twice \(e.g. 'g0'\)", "fedsc", ["--sites", a, b], tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- split.py
+def test_split_checks_its_input_and_says_what_partition_leaves_out(tmp_path, capsys):
+    path, X, y = synth(tmp_path, types=4)
+    base = dict(data=path, by="partition", out=str(tmp_path / "sites"), label_key="", clients=4, types_per_client=0, seed=0)
+    args = lambda *a: argparse.Namespace(**{**base, **dict(zip(a[::2], a[1::2]))})
+    pd.DataFrame(X, index=[f"c{i}" for i in range(60)], columns=[f"g{j}" for j in range(40)]).to_csv(tmp_path / "t.csv")
+    (tmp_path / "file").write_text("")
+    for bad, expect in ((("clients", 0), "--clients must be at least 1"), (("seed", -1), "--seed must be in"),
+                        (("out", str(tmp_path / "file")), "exists and is not a folder"),
+                        (("data", str(tmp_path / "t.csv"), "by", "batch"), "not an HDF5 file"),
+                        (("by", "batch"), "no dataset 'batch'")):
+        with pytest.raises(D.DataError, match=expect):
+            split.split(args(*bad))
+    split.split(args("types_per_client", 3, "clients", 2))
+    assert re.search(r"\d+ of 60 cells are on no site \(3 types per site, 2 sites\)", capsys.readouterr().out)
+    with pytest.raises(D.DataError, match="exists: choose another --out"):
+        split.split(args("types_per_client", 3, "clients", 2))
+
+
+# --------------------------------------------------------------------------------------------- the scripts' contract
+def test_scripts_end_bad_input_with_one_error_line_and_no_row(tmp_path):
+    path, X, y = synth(tmp_path)
+    out = tmp_path / "o" / "r.csv"
+    out.parent.mkdir()
+    out.write_text("config_id,run\na,x\nb,y,z\n")
+    os.mkfifo(tmp_path / "fifo")
+    cases = [(["fedsc.py", "--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+             (["fedsimclr.py", "--data", path, "--out", str(out)], "cannot be read as a results CSV"),
+             (["fedsc.py", "--data", str(tmp_path / "fifo")], "is a FIFO"),
+             (["split.py", path, "--by", "partition", "--clients", "0"], "--clients must be at least 1")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for argv, expect in cases:
+        if "--out" not in argv and argv[0] != "split.py":
+            argv = argv + ["--out", str(tmp_path / "new" / "r.csv")] + TINY
+        p = subprocess.run([sys.executable] + argv, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 2 and p.stderr.startswith("error: ") and len(p.stderr.splitlines()) == 1, (argv, p.stderr)
+        assert expect in p.stderr and "Traceback" not in p.stderr and "usage:" not in p.stderr
+    assert out.read_text() == "config_id,run\na,x\nb,y,z\n" and not os.path.exists(tmp_path / "new")
+    assert not os.path.exists(tmp_path / "o" / "runs")
