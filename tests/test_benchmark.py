@@ -161,12 +161,14 @@ def test_partial_tables_are_printed_not_published(synth, tmp_path, monkeypatch):
 
 
 def one_method_benchmark(benchmark, monkeypatch, synth):
-    """The benchmark shrunk to FedSimCLR with tiny settings on the synthetic file, no centralized rows."""
+    """The benchmark shrunk to FedSimCLR with tiny settings on the synthetic file, no reference rows."""
     monkeypatch.setattr(benchmark, "T1_DATASETS", [synth])
     monkeypatch.setattr(benchmark, "DATASETS", [synth])
     monkeypatch.setattr(benchmark, "SHORT", {synth: "synth"})
     monkeypatch.setattr(benchmark, "FED", [("FedSimCLR", "fedsimclr.py", ["--clients", "2", "--types-per-client", "2"] + TINY)])
     monkeypatch.setattr(benchmark, "CENTRAL", [])
+    monkeypatch.setattr(benchmark, "FED_EXACT", [])
+    monkeypatch.setattr(benchmark, "CLASS_REFS", [])
 
 
 def test_table1_is_published_with_only_its_paper_rows_pending(synth, tmp_path, monkeypatch):
