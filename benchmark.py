@@ -290,45 +290,38 @@ def execute(experiments, seeds, jobs, results, overrides, match=()):
     `match`, when given). Ctrl-C stops the runs under way and says what finished; their rows are not written (a
     row is the last thing a run writes)."""
     failed = 0
-    estimate(experiments, seeds, jobs, results, overrides, match)
-    for exp in experiments:
-        df, todo, seen, skipped = experiment_rows(results, exp), [], set(), 0  # the rows its table uses
-        for label, script, argv, seed in plan(exp, seeds):
-            if not all(m in " ".join([script] + argv) for m in match):
-                continue
-            full = full_argv(exp, script, argv, seed, results, overrides)
-            args = resolved(script, full)
-            cid = runs.config_id(args)
-            if len(matching(df, args)):
-                skipped += 1
-            elif cid not in seen:
-                seen.add(cid)
-                todo.append((label, script, full, seed, cid))
+    for exp in experiments:  # each experiment's runs resolved when it starts (tune writes recipes.json first)
+        todo, skipped = to_do(exp, seeds, results, overrides, match)
         print(f"{exp}: {len(todo)} runs to do, {skipped} already have a row; {jobs} at a time", flush=True)
-        failed += run_all(exp, todo, jobs, results)
+        cost(exp, todo, all_rows(results))
+        failed += run_all(exp, [t[:5] for t in todo], jobs, results)
         if exp == "tune" and not overrides:
             write_recipes(all_rows(results, ["tune"]), seeds)
     return failed
 
 
 def to_do(exp, seeds, results, overrides, match=()):
-    """The runs of exp that have no row yet (one per config)."""
-    df, todo, seen = experiment_rows(results, exp), [], set()
+    """The runs of exp that have no row yet, one per config, as (label, script, argv, seed, config id,
+    resolved args); and how many already have one."""
+    df, todo, seen, skipped = experiment_rows(results, exp), [], set(), 0  # the rows its table uses
     for label, script, argv, seed in plan(exp, seeds):
         if not all(m in " ".join([script] + argv) for m in match):
             continue
-        args = resolved(script, full_argv(exp, script, argv, seed, results, overrides))
+        full = full_argv(exp, script, argv, seed, results, overrides)
+        args = resolved(script, full)
         cid = runs.config_id(args)
-        if not len(matching(df, args)) and cid not in seen:
+        if len(matching(df, args)):
+            skipped += 1
+        elif cid not in seen:
             seen.add(cid)
-            todo.append((script, args))
-    return todo
+            todo.append((label, script, full, seed, cid, args))
+    return todo, skipped
 
 
 def run_cost(script, args, known):
-    """Estimated seconds of one run (one torch thread): the mean of finished rows of the same script,
-    data and options but seed and schedule, scaled by rounds x local epochs; else of the same script
-    and data."""
+    """Estimated seconds of one run (one torch thread) from the finished rows of the same method and
+    data (and baseline): their median seconds per round x local epoch, times this run's rounds x local
+    epochs; for a centralized baseline, their median seconds."""
     same = known[(known.get("method", "") == args.method) & (known.get("data", "") == args.data)]
     if "baseline" in vars(args):
         same = same[same.get("baseline", pd.Series("", index=same.index)).astype(str) == args.baseline]
@@ -341,18 +334,20 @@ def run_cost(script, args, known):
     return float(same["seconds"].median())
 
 
+def cost(exp, todo, known):
+    """Print and return the estimated CPU seconds of an experiment's runs still to do."""
+    secs = [run_cost(t[1], t[5], known) if len(known) else np.nan for t in todo]
+    unknown = int(np.isnan(secs).sum())
+    est = float(np.nansum(secs)) + 60 * unknown  # a run of unknown cost: a minute
+    print(f"plan: {exp}: {len(todo)} runs to do, ~{est / 3600:.1f} CPU-hours"
+          + (f" ({unknown} without a timing, counted as a minute)" if unknown else ""), flush=True)
+    return est
+
+
 def estimate(experiments, seeds, jobs, results, overrides, match=()):
-    """Print, per experiment, the runs still to do and their estimated cost from the rows' timings."""
+    """--plan: per experiment, the runs still to do and their estimated cost from the rows' timings."""
     known = all_rows(results)
-    total = 0.0
-    for exp in experiments:
-        todo = to_do(exp, seeds, results, overrides, match)
-        cost = [run_cost(script, args, known) if len(known) else np.nan for script, args in todo]
-        est = float(np.nansum(cost)) + 60 * float(np.isnan(cost).sum())  # a run of unknown cost: a minute
-        total += est
-        print(f"plan: {exp}: {len(todo)} runs to do, ~{est / 3600:.1f} CPU-hours"
-              + (f" ({int(np.isnan(cost).sum())} without a timing, counted as a minute)" if np.isnan(cost).any() else ""),
-              flush=True)
+    total = sum(cost(exp, to_do(exp, seeds, results, overrides, match)[0], known) for exp in experiments)
     print(f"plan: in all ~{total / 3600:.1f} CPU-hours, ~{total / 3600 / jobs:.1f} h of wall time with {jobs} jobs "
           f"(from the timings of the finished rows)", flush=True)
 
