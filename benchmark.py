@@ -124,7 +124,7 @@ FED_EXACT = [("FedPCA-50 (exact, federated)", "fedpca.py", [])]  # no SGD: PCA f
 CLASS_REFS = FED_EXACT + [c for c in CENTRAL if c[1] == "centralized.py"]
 # An experiment whose runs may already have a row in another experiment's CSV: such a run is reused,
 # not run again, and its table reads both CSVs.
-SHARED_ROWS = {"split": ["table1"], "class": ["table1"], "table1": ["class"]}
+SHARED_ROWS = {"split": ["table1", "class"], "class": ["table1"], "table1": ["class"]}
 # Runs an experiment's table may show as pending: Table 1's paper-recipe rows, the one-client SimCLR
 # row included (300 rounds each, about 12 CPU-hours in all), are published as "pending" until their
 # seeds are all in, once every tuned and centralized row is complete. Any other missing run keeps a
