@@ -115,7 +115,12 @@ T2_ROWS = [((1, 0, 0), ["--no-ema", "--no-sg"]), ((1, 1, 0), ["--no-sg"]), ((1, 
 # non-IID column is Table 1's own runs (SHARED_ROWS), not new ones.
 SPLITS = [("non-IID (Table 1)", []), ("IID, 4 clients", ["--partition", "iid"]),
           ("one client", ["--clients", "1", "--partition", "iid"])]
-EXPERIMENTS = ("tune", "mu", "federated", "class", "table1", "split", "table2", "table3", "fig3")
+# The cross-client study (issue: federated SSL against the exact federated PCA under label skew):
+# each tuned recipe with a mechanism that gives every site the same axes; its rows without are the
+# class table's. The weight is the largest at which every tuned recipe's first round is stable
+# (lr x weight <= 1 with lr up to 1), a rule chosen before any ARI was seen on bladder or Baron.
+MECHANISMS = [("PCA anchor", ["--anchor", "1"])]
+EXPERIMENTS = ("tune", "mu", "federated", "class", "table1", "split", "anchor", "table2", "table3", "fig3")
 # `bash run_all.sh` with no experiment: the class table. `paper`: the paper's full protocol.
 GROUPS = {"paper": ["table1", "table2", "table3", "fig3"]}
 # The class table: every method's tuned recipe and the centralized references (not the 300-round
@@ -124,7 +129,7 @@ FED_EXACT = [("FedPCA-50 (exact, federated)", "fedpca.py", [])]  # no SGD: PCA f
 CLASS_REFS = FED_EXACT + [c for c in CENTRAL if c[1] == "centralized.py"]
 # An experiment whose runs may already have a row in another experiment's CSV: such a run is reused,
 # not run again, and its table reads both CSVs.
-SHARED_ROWS = {"split": ["table1", "class"], "class": ["table1"], "table1": ["class"]}
+SHARED_ROWS = {"split": ["table1", "class"], "class": ["table1"], "table1": ["class"], "anchor": ["class", "table1"]}
 # Runs an experiment's table may show as pending: Table 1's paper-recipe rows, the one-client SimCLR
 # row included (300 rounds each, about 12 CPU-hours in all), are published as "pending" until their
 # seeds are all in, once every tuned and centralized row is complete. Any other missing run keeps a
@@ -213,6 +218,13 @@ def plan(experiment, seeds):
                 for name, split in SPLITS:
                     runs += [((label, ds, name), script, ["--data", ds, "--recipe", "tuned"] + extra + split, s)
                              for s in seeds]
+    elif experiment == "anchor":  # the mechanisms first; the runs without are the class table's
+        for name, mech in MECHANISMS + [("none", [])]:
+            for ds in T1_DATASETS:
+                runs += [((label, ds, name), script, ["--data", ds, "--recipe", "tuned"] + extra + mech, s)
+                         for label, script, extra in FED for s in seeds]
+        runs += [((label, ds, "none"), script, ["--data", ds] + extra, s)
+                 for ds in T1_DATASETS for label, script, extra in FED_EXACT for s in seeds]
     elif experiment == "table2":
         for flags, extra in T2_ROWS:
             runs += [(flags, "fedbyol.py", ["--data", "10X_PBMC"] + extra, s) for s in seeds]
@@ -600,6 +612,24 @@ def class_table(df, seeds, overrides, missing):
     return "\n".join(out)
 
 
+def anchor_table(df, seeds, overrides, missing):
+    """ARI of each tuned recipe without and with each mechanism, per dataset; FedPCA-50 below."""
+    names = ["without"] + [name for name, _ in MECHANISMS]
+    out = ["| method |" + "".join(f" {SHORT[ds]}: {n} |" for ds in T1_DATASETS for n in names),
+           "|" + "---|" * (1 + len(T1_DATASETS) * len(names))]
+    for label, script, extra in FED:
+        line = f"| {label} |"
+        for ds in T1_DATASETS:
+            rr = [rows_for(df, script, ["--data", ds, "--recipe", "tuned"] + extra + mech, seeds, overrides, missing)
+                  for mech in [[]] + [m for _, m in MECHANISMS]]
+            line += "".join(f" {cell(r, 'ari')} |" for r in rr)
+        out.append(line)
+    for label, script, extra in FED_EXACT:
+        rr = [rows_for(df, script, ["--data", ds] + extra, seeds, overrides, missing) for ds in T1_DATASETS]
+        out.append(f"| {label} |" + "".join(f" {cell(r, 'ari')} |" + " – |" * len(MECHANISMS) for r in rr))
+    return "\n".join(out)
+
+
 def table2(df, seeds, overrides, missing):
     mark = {1: "✓", 0: "✗"}
     out = ["| predictor | EMA | stop-grad | ARI | NMI | Sil | paper ARI / NMI / Sil | s/run |", "|" + "---|" * 8]
@@ -639,6 +669,9 @@ TITLES = {"class": "ARI (%) of every method's tuned recipe on the paper's non-II
                     "(mean ± std over seeds)",
           "split": "What the split costs: ARI at each method's tuned recipe with the cells split non-IID over 4 clients "
                    "(Table 1), IID over 4 clients, or all on one client (mean ± std over seeds)",
+          "anchor": "Axes every site shares: ARI at each method's tuned recipe on the paper's non-IID split, without "
+                    "and with the PCA anchor (--anchor 1: a head on f(x) regresses each cell's exact federated PCA-50 "
+                    "coordinates); mean ± std over seeds 0, 1, 2",
           "table2": "Table 2: FedBYOL ablation on 10X PBMC (paper recipe)",
           "table3": "Table 3: FedSC on mouse bladder, cell types per client (paper recipe)",
           "fig3": "Figure 3 sweep: FedBYOL on 10X PBMC, rounds and local epochs (paper recipe, seed 0)"}
@@ -649,7 +682,7 @@ def build(exp, df, seeds, overrides, results):
     if exp == "mu":
         md = mu_table(df, seeds, overrides, missing, results)
     else:
-        md = {"class": class_table, "tune": tune_table, "federated": federated_table, "table1": table1, "split": split_table, "table2": table2, "table3": table3,
+        md = {"class": class_table, "tune": tune_table, "federated": federated_table, "table1": table1, "split": split_table, "anchor": anchor_table, "table2": table2, "table3": table3,
               "fig3": fig3_table}[exp](df, seeds, overrides, missing)
     return md, missing
 

@@ -114,6 +114,8 @@ class FedArgs(DataArgs):
     """BatchNorm statistics of the global encoder when it embeds the cells: running = the clients' running statistics averaged by FedAvg (the paper); recompute = recomputed from the cells of every site (sites send per-feature sums; docs/protocol.md: deviation 12)"""
     preprocess: typing.Literal["pooled", "federated"] = "pooled"
     """pooled: preprocess all cells together before the split (the paper); federated: split the raw counts first, then preprocess from per-site statistics only (the same result)"""
+    anchor: float = 0.0
+    """weight of the PCA anchor (0 = off): a linear head on each cell's f(x) also regresses the cell's coordinates in the exact federated PCA-50 of all sites (sites send sums, fedpca.py), axes every site shares; the head is averaged like the encoder (docs/protocol.md#the-pca-anchor)"""
     evaluate: typing.Literal["pooled", "federated", "both"] = "pooled"
     """pooled: KMeans and metrics on every cell's embedding in one place (the paper); federated: each site embeds its own cells, KMeans and ARI/NMI/CH from per-site sums, silhouette simplified (centroid-based); cells on no client are not evaluated; both: pooled, plus the federated metrics as fed_* columns (a simulation's comparison)"""
 
@@ -264,6 +266,7 @@ def check_args(args):
                                            f"Dirichlet draws underflow to NaN and the split would silently be uniform), got {args.dirichlet_alpha}")
         need(args.eval_every >= 0, f"--eval-every must be 0 (off) or more, got {args.eval_every}")
         need(0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}")
+        need(args.anchor >= 0, f"--anchor must be 0 (off) or positive, got {args.anchor}")
         need(args.weight_decay >= 0, f"--weight-decay must be 0 or more, got {args.weight_decay}")
     check_out(args.out)
 

@@ -156,14 +156,24 @@ def federate(args, data, model, download, local_update, upload, aggregate):
     Loads the final global weights into model and returns the per-client, per-round log."""
     X = torch.from_numpy(data.X)
     # CLIENT SIDE: each client holds its own cells, a copy of the initial model and its own RNG
+    if args.anchor:  # --anchor: the head joins the server's model; each site's targets stay with it
+        model["anchor"] = nn.Linear(EMBED_DIM, min(ANCHOR_DIMS, data.X.shape[1]))
     clients = [make_client(k, X[idx].clone(), model, args.seed) for k, idx in enumerate(data.parts)]
+    if args.anchor:
+        for c, target in zip(clients, anchor_targets([data.X[idx] for idx in data.parts])):
+            c.state["anchor"] = target
     # SERVER SIDE: the global weights; round 0 broadcasts the seeded initial model
     global_state = {key: weights(module) for key, module in model.items()}
 
     def on_client(c, lr):  # ---- on client c: its cells and local state never leave it ---------
+        if args.anchor:  # the anchor head goes and comes back as is (plain FedAvg), for every method
+            c.model["anchor"].load_state_dict(global_state["anchor"])
         entry = download(c, global_state, args)
         entry.update(local_update(c, lr, args))
-        return upload(c), entry
+        sent, n = upload(c)
+        if args.anchor:
+            sent = {**sent, "anchor": weights(c.model["anchor"])}
+        return (sent, n), entry
 
     # --threads N trains N clients at once (each client has its own RNG: same result as one by one)
     pool = concurrent.futures.ThreadPoolExecutor(args.threads) if args.threads > 1 else None
@@ -173,6 +183,8 @@ def federate(args, data, model, download, local_update, upload, aggregate):
         todo = (clients, [lr] * len(clients))
         uploads, logs = zip(*(pool.map(on_client, *todo) if pool else map(on_client, *todo)))
         global_state = aggregate(uploads)  # ---- on the server: only weights and counts arrive --
+        if args.anchor:
+            global_state["anchor"] = fedavg([sent["anchor"] for sent, _ in uploads], [n for _, n in uploads])
         log += [{"round": rnd + 1, "client": c.cid, "lr": lr, **e} for c, e in zip(clients, logs)]
         loss = float(np.mean([e["loss"] for e in logs]))
         if not math.isfinite(loss):  # a result, not an input error: the row records it
@@ -197,6 +209,33 @@ def federate(args, data, model, download, local_update, upload, aggregate):
         pool.shutdown()
     print(f"trained {args.rounds} rounds in {time.time() - t_start:.1f}s", flush=True)
     return log
+
+
+# ---------------------------------------------------------------------------------------------
+# --anchor: axes every site shares. Under label skew no local loss tells types on different
+# clients apart; the exact federated PCA (fedpca.py) gives every cell absolute coordinates, and a
+# head on f(x) learns to reproduce them, so the averaged encoder keeps what separates all types.
+# ---------------------------------------------------------------------------------------------
+ANCHOR_DIMS = 50  # principal components the head regresses (as fedpca.py's default)
+
+
+def anchor_targets(parts):
+    """Each client's cells in the federated PCA, scaled so that their mean squared norm over all
+    cells is 1. SITE -> SERVER: count, per-gene sums, gene x gene sums (fedpca.site_sums); the SERVER
+    returns the mean and components; each SITE projects its own cells. parts: each site's cells."""
+    import fedpca
+    sent = [fedpca.site_sums(x) for x in parts]                        # on each SITE
+    mean, comps, _ = fedpca.server_pca(sent, ANCHOR_DIMS)              # on the SERVER: sums only
+    n, S = sum(s[0] for s in sent), sum(s[2] for s in sent)
+    var = (np.trace(comps.T @ S @ comps) - n * np.sum((mean @ comps) ** 2)) / n  # mean squared norm
+    return [torch.from_numpy(fedpca.site_project(x, mean, comps) / math.sqrt(var)).float() for x in parts]
+
+
+def anchor_loss(model, x, target):
+    """Squared error of the anchor head on the unit-length f(x) of unmasked cells x against their
+    scaled PCA coordinates (1 for a head that predicts 0)."""
+    h = F.normalize(model["online"].f(x), dim=1)
+    return ((model["anchor"](h) - target) ** 2).sum(1).mean()
 
 
 # ---------------------------------------------------------------------------------------------

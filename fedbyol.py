@@ -88,6 +88,7 @@ def local_update(client, lr, args):
     params = list(model["online"].parameters()) + list(model["predictor"].parameters())  # METHOD
     if args.no_sg and not args.no_ema:  # Table 2's EMA-without-stop-gradient row: the target learns too
         params += list(model["target"].parameters())
+    params += list(model["anchor"].parameters()) if args.anchor else []  # --anchor (common.py)
     opt = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, fused=True)
     model.train()
     losses = []
@@ -96,6 +97,8 @@ def local_update(client, lr, args):
             x = client.x[idx]
             v1, v2 = common.two_views(x, args.mask_rate, gen)
             loss = loss_fn(model, v1, v2, args)
+            if args.anchor:  # --anchor: each cell also regresses its federated-PCA coordinates (common.py)
+                loss = loss + args.anchor * common.anchor_loss(model, x, client.state["anchor"][idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

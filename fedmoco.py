@@ -91,6 +91,7 @@ def enqueue(state, keys):
 def local_update(client, lr, args):
     model, gen = client.model, client.gen
     params = list(model["online"].parameters())  # METHOD: what the optimizer updates
+    params += list(model["anchor"].parameters()) if args.anchor else []  # --anchor (common.py)
     opt = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, fused=True)
     model.train()
     losses = []
@@ -100,6 +101,8 @@ def local_update(client, lr, args):
             v1, v2 = common.two_views(x, args.mask_rate, gen)
             common.ema_(model["key"], model["online"], args.m)  # METHOD: key <- m key + (1-m) query
             loss, keys = loss_fn(model, v1, v2, client.state["queue"].clone(), args)
+            if args.anchor:  # --anchor: each cell also regresses its federated-PCA coordinates (common.py)
+                loss = loss + args.anchor * common.anchor_loss(model, x, client.state["anchor"][idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

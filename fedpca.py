@@ -32,6 +32,7 @@ class Args(common.FedArgs):
         common.check(self.n_components >= 1, f"--n-components must be at least 1, got {self.n_components}")
         common.check(self.embed == "backbone", "--embed is for an encoder's layers; FedPCA has none")
         common.check(self.bn_stats == "running", "--bn-stats is for an encoder's BatchNorm; FedPCA has none")
+        common.check(self.anchor == 0, "--anchor trains a head on an encoder; FedPCA has none")
 
 
 # ---------------------------------------------------------------------------------------------

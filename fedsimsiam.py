@@ -53,6 +53,7 @@ def loss_fn(model, v1, v2, args):
 def local_update(client, lr, args):
     model, gen = client.model, client.gen
     params = list(model["online"].parameters()) + list(model["predictor"].parameters())  # METHOD
+    params += list(model["anchor"].parameters()) if args.anchor else []  # --anchor (common.py)
     opt = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, fused=True)
     model.train()
     losses = []
@@ -61,6 +62,8 @@ def local_update(client, lr, args):
             x = client.x[idx]
             v1, v2 = common.two_views(x, args.mask_rate, gen)
             loss = loss_fn(model, v1, v2, args)
+            if args.anchor:  # --anchor: each cell also regresses its federated-PCA coordinates (common.py)
+                loss = loss + args.anchor * common.anchor_loss(model, x, client.state["anchor"][idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -194,3 +194,13 @@ def test_deployment_one_superlink_two_supernodes_each_site_gets_its_own_cells(tm
         assert ad.obsm["X_fedsc"].shape == (n, 60) and np.isfinite(ad.obsm["X_fedsc"]).all()
         assert list(ad.obs["cell_type"]) == list(np.array(["B", "NK", "T", "mono"])[y[:70] if k == 0 else y[70:]])
         assert set(ad.obs["fedsc_cluster"].astype(int)) <= set(range(4))
+
+
+def test_flower_refuses_what_it_does_not_offer(tmp_path):
+    """--anchor runs in process only: the Flower server says so before any site is asked."""
+    from fedsc_flower import server_app
+    config = {"method": "fedsc", "data": "10X_PBMC", "rounds": 2, "seed": 0, "lr-schedule": "cosine",
+              "out-dir": str(tmp_path)}
+    assert server_app.make_args(dict(config, args=""), 2)[1].anchor == 0
+    with pytest.raises(server_app.SiteError, match="--anchor"):
+        server_app.make_args(dict(config, args="--anchor 1"), 2)

@@ -73,6 +73,8 @@ def make_args(run_config, n_sites):
         args = common.parse_args(mod.Args, argv)
     except SystemExit:  # argparse printed what is wrong
         raise SiteError(f"run config: bad options {' '.join(argv)}") from None
+    if args.anchor:
+        raise SiteError("run config: --anchor is offered in process (the method scripts), not on Flower yet")
     args.clients, args.preprocess, args.evaluate = n_sites, "federated", "federated"
     args.out = os.path.join(str(run_config["out-dir"]), "results.csv")
     cli.check_args(args)
