@@ -816,6 +816,9 @@ def main():
     if sys.argv[1:2] == ["rehash"]:  # verified re-stamp of the rows after a refactor (rehash.py)
         import rehash
         sys.exit(rehash.main(sys.argv[2:]))
+    if sys.argv[1:2] == ["map"]:  # the class's picture: FedBYOL's embedding without and with the anchor, and IID
+        import figures
+        sys.exit(figures.main(sys.argv[2:]))
     if sys.argv[1:2] == ["readme"]:  # the README's reading-order and first-run blocks
         import readme
         sys.exit(readme.main(sys.argv[2:]))
