@@ -161,8 +161,8 @@ def differences(old, new):
     for name in old:
         a, b = old[name], new.get(name, {})
         what = [k for k in ("exit", "error") if a.get(k) != b.get(k)]
-        what += [f for f in set(a.get("files", {})) | set(b.get("files", {}))
-                 if a.get("files", {}).get(f) != b.get("files", {}).get(f)]
+        what += sorted(f for f in set(a.get("files", {})) | set(b.get("files", {}))
+                       if a.get("files", {}).get(f) != b.get("files", {}).get(f))
         ra, rb = a.get("row", {}), b.get("row", {})
         what += sorted(k for k in set(ra) & set(rb) if ra[k] != rb[k])
         if what:
@@ -218,16 +218,17 @@ def main(argv=None):
             print(f"rehash: fingerprint {n} moved: {', '.join(what)}", flush=True)
         total = 0
         for f, df in frames.items():
-            changed = 0
+            changed, added = 0, set()  # options new since the rows were made: columns this file lacks
             for script in scripts:
                 hit = (df["code"] == then[script]) if "code" in df else None
                 if script in refused or hit is None or not hit.any():
                     continue
                 mod = __import__(script[:-3])
                 for field in mod.Args.__dataclass_fields__.values():
-                    if field.init and field.name not in df.columns:  # a new option: its default
+                    if field.init and (field.name not in df.columns or field.name in added):  # a new option: its default
                         default = field.default_factory() if callable(field.default_factory) else field.default
-                        df[field.name] = ""
+                        if field.name not in df.columns:
+                            df[field.name], _ = "", added.add(field.name)
                         df.loc[hit, field.name] = str(default)
                 for col in ("rehash_verified", "code_commit"):
                     if col not in df:

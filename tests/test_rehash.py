@@ -1,6 +1,7 @@
 """The verified re-stamp (python benchmark.py rehash): a refactor keeps the rows, a change of
 behaviour is refused and named. Runs on a copy of the repository in a temporary git repo."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,9 @@ def test_rehash_restamps_a_refactor_and_refuses_a_behaviour_change(tmp_path):
     p = subprocess.run([sys.executable, "fedsimclr.py", "--data", syn, "--rounds", "2", "--local-epochs", "1",
                         "--threads", "1", "--out", str(out)], cwd=repo, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+    p = subprocess.run([sys.executable, "fedsimsiam.py", "--data", syn, "--rounds", "2", "--local-epochs", "1",
+                        "--threads", "1", "--out", str(out)], cwd=repo, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
     row = pd.read_csv(out, dtype=str).iloc[0]
     assert row["commit"] == a and row["code"] == runs.code_hash(str(repo / "fedsimclr.py"))
     old_code = row["code"]
@@ -49,12 +53,16 @@ def test_rehash_restamps_a_refactor_and_refuses_a_behaviour_change(tmp_path):
     end = src.index("\n\n\n", start)
     moved = src[start:end]
     (repo / "common.py").write_text("# a comment\n" + src[:start] + src[end + 3:] + "\n\n" + moved + "\n")
+    cli = (repo / "cli.py").read_text()  # and a new option whose default is the old behaviour
+    at = cli.index('    evaluate: typing.Literal["pooled"')
+    (repo / "cli.py").write_text(cli[:at] + '    new_knob: int = 7\n    """a new option"""\n' + cli[at:])
     b = commit(repo, "B: refactor")
     assert runs.code_hash(str(repo / "fedsimclr.py")) != old_code
     p = subprocess.run([sys.executable, "benchmark.py", "rehash", "--suite", "quick", "--jobs", "1"], cwd=repo, env=env,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "1 rows re-stamped" in p.stdout
+    assert "2 rows re-stamped" in p.stdout
+    assert pd.read_csv(out, dtype=str)["new_knob"].tolist() == ["7", "7"]  # every script's rows get its default
     row = pd.read_csv(out, dtype=str).iloc[0]
     assert row["code"] == runs.code_hash(str(repo / "fedsimclr.py"))
     assert row["rehash_verified"] == a and row["code_commit"] == b and row["commit"] == a  # the run's own commit stays
@@ -68,5 +76,6 @@ def test_rehash_restamps_a_refactor_and_refuses_a_behaviour_change(tmp_path):
     p = subprocess.run([sys.executable, "benchmark.py", "rehash", "--suite", "quick", "--jobs", "1"], cwd=repo, env=env,
                        capture_output=True, text=True)
     assert p.returncode == 1, p.stdout + p.stderr
-    assert "fingerprint fedsimclr moved: embedding.npy" in p.stdout and "refused for fedsimclr.py" in p.stdout
+    assert re.search(r"fingerprint fedsimclr moved: [^\n]*embedding\.npy", p.stdout), p.stdout
+    assert "refused for fedsimclr.py" in p.stdout
     assert out.read_bytes() == before
