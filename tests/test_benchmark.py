@@ -236,3 +236,23 @@ def test_speed_first_layer_variants_compute_the_same_product():
     speed = importlib.import_module("speed")
     ms = speed.first_layer_variants(30, batch=16, seconds=0.01)
     assert set(ms) == {"dense", "embedding bag over kept genes", "CSR sparse product"} and min(ms.values()) > 0
+
+
+def test_map_figure_projects_on_the_top_two_components_and_draws(tmp_path):
+    """figures.py (python benchmark.py map): pca2 is the embedding's PCA-2 up to sign; draw writes
+    the PNG from run folders as the method files write them (embedding.npy, clusters.csv)."""
+    import figures
+    from sklearn.decomposition import PCA
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(200, 6)) * np.array([5, 3, 1, 1, 1, 1])
+    ref = PCA(2).fit_transform(h)
+    xy = figures.pca2(h)
+    np.testing.assert_allclose(np.abs(xy), np.abs(ref), atol=1e-8)
+    pytest.importorskip("matplotlib")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    np.save(folder / "embedding.npy", h)
+    pd.DataFrame({"cell": range(200), "client": rng.integers(0, 4, 200), "label": 0,
+                  "label_name": rng.choice(["B", "T"], 200), "cluster": 0}).to_csv(folder / "clusters.csv", index=False)
+    figures.draw([("a", str(folder), 50.0), ("b", str(folder), 60.0)], str(tmp_path / "map.png"))
+    assert (tmp_path / "map.png").stat().st_size > 10000
