@@ -43,7 +43,7 @@ def spied(self, action, **payload):  # every value that reaches the server, and 
 server_app.Sites.ask = spied
 for name, method, extra in [("fedsc", "fedsc", ""), ("fedmoco", "fedmoco", " --version 2"), ("fedbyol", "fedbyol", ""),
                             ("fedsimclr", "fedsimclr", ""), ("fedsimsiam", "fedsimsiam", ""),
-                            ("fedsc_bn", "fedsc", " --bn-stats recompute")]:
+                            ("fedsc_bn", "fedsc", " --bn-stats recompute"), ("fedsc_eval", "fedsc", " --eval-every 1")]:
     run_simulation(server_app=server_app.make_app({"method": method, "rounds": 2, "data": sys.argv[1], "seed": 3,
                                                   "out-dir": sys.argv[2] + "/" + name, "args": sys.argv[3] + extra}),
                    client_app=client_app.app, num_supernodes=2,
@@ -204,3 +204,29 @@ def test_flower_refuses_what_it_does_not_offer(tmp_path):
     assert server_app.make_args(dict(config, args=""), 2)[1].anchor == 0
     with pytest.raises(server_app.SiteError, match="--anchor"):
         server_app.make_args(dict(config, args="--anchor 1"), 2)
+
+
+def test_eval_every_on_flower_scores_during_training_and_changes_nothing(simulated):
+    """--eval-every 1 over 2 rounds: round 1's line has the federated ARI; the trained weights are
+    the bits of the same run without it."""
+    path, tmp, log = simulated
+    assert re.search(r"^round 1/2 .* ari \d+\.\d\d", log, re.M), log[-3000:]
+    plain = torch.load(os.path.join(run_folder(os.path.join(tmp, "fedsc")), "global.pt"))
+    scored = torch.load(os.path.join(run_folder(os.path.join(tmp, "fedsc_eval")), "global.pt"))
+    assert all(torch.equal(plain[key][k], v) for key in plain for k, v in scored[key].items())
+
+
+def test_a_diverged_flower_run_writes_its_row(tmp_path):
+    X, y = D.synthetic_counts(n_cells=200, n_genes=150, n_types=4, seed=0)
+    path = write_h5(tmp_path / "synth.h5", X, y + 1)
+    p = subprocess.run([sys.executable, "-c", SIMULATE.split("for name, method")[0] + """
+run_simulation(server_app=server_app.make_app({"method": "fedsimclr", "rounds": 1, "data": sys.argv[1],
+                                               "out-dir": sys.argv[2], "args": "--lr 1e30 " + sys.argv[3]}),
+               client_app=client_app.app, num_supernodes=2,
+               backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}, "init_args": {"num_cpus": 2}})
+""", path, str(tmp_path), TINY], cwd=ROOT, capture_output=True, text=True, env=localhost.flower_env(tmp_path / "home"),
+                       timeout=600)
+    assert re.search(r"^diverged: ", p.stderr, re.M), p.stdout[-2000:] + p.stderr[-2000:]
+    r = rows(str(tmp_path / "results.csv"))
+    assert r["status"].tolist() == ["diverged"] and r["runtime"].tolist() == ["flower"]
+    assert os.path.exists(os.path.join(run_folder(str(tmp_path)), "rounds.csv"))

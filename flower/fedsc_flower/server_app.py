@@ -168,37 +168,64 @@ def run(grid, run_config):
         logs = [{k: v for k, v in r.items() if "." not in k and k != "num-examples"} for r in replies]
         log += [{"round": rnd + 1, "client": c, "lr": lr, **e, "seconds": time.time() - t0} for c, e in enumerate(logs)]
         loss = float(np.mean([e["loss"] for e in logs]))
-        if not math.isfinite(loss):
+        if not math.isfinite(loss):  # a result, not an input error: the row records it
+            save(args, runs.run_folder(args), global_state, log, {}, [], "diverged", t_start, time.time() - t_train)
             raise common.Diverged(f"round {rnd + 1}: the loss is {loss}; try a smaller --lr")
         line = f"round {rnd + 1}/{args.rounds}  loss {loss:.4f}  lr {lr:.4f}"
         for key in sorted({k for e in logs for k in e} - {"loss"}):
             line += f"  {key} " + "/".join(f"{e[key]:.3f}" for e in logs if key in e)
+        if args.eval_every and (rnd + 1) % args.eval_every == 0 and rnd + 1 < args.rounds and run_config["evaluate"]:
+            try:
+                m = evaluate(sites, args, global_state, label_names, k)  # as the final evaluation, at the sites
+            except common.Diverged:
+                save(args, runs.run_folder(args), global_state, log, {}, [], "diverged", t_start, time.time() - t_train)
+                raise
+            line += "".join(f"  {key} {m[key]:.2f}" for key in ("ari", "sil_simplified", "erank") if key in m)
         print(line + f"  {time.time() - t0:.2f}s", flush=True)
     seconds = time.time() - t_train
     print(f"trained {args.rounds} rounds in {seconds:.1f}s", flush=True)
-    folder = runs.run_folder(args)
-    name = os.path.basename(folder)
-    metrics, files = {}, []
+    folder, metrics, files = runs.run_folder(args), {}, []
     if run_config["evaluate"]:
-        state = global_state  # global.pt keeps the trained weights; evaluation may use other BN statistics
-        if getattr(args, "bn_stats", "running") == "recompute":
-            online = federated.server_bn(sites, {key: v.numpy() for key, v in global_state["online"].items()})
-            state = {**global_state, "online": {key: torch.from_numpy(v) for key, v in online.items()}}
-        sites.ask("embed", label_names=label_names, **flat(state))  # each site embeds its own cells
-        metrics = federated.server_metrics(sites, k, args.seed, None if label_names is None else len(label_names))
+        try:
+            metrics = evaluate(sites, args, global_state, label_names, k)
+        except common.Diverged:  # a site's embedding holds NaN: the row records it
+            save(args, folder, global_state, log, {}, [], "diverged", t_start, seconds)
+            raise
+        name = os.path.basename(folder)
         files = [r["path"] for r in sites.ask("finish", run=name, config=json.dumps(vars(args)))]
         print("final  " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f"  time {time.time() - t_start:.1f}s", flush=True)
+    save(args, folder, global_state, log, metrics, files, "ok", t_start, seconds)
+    return metrics
+
+
+def evaluate(sites, args, global_state, label_names, k):
+    """Each site embeds its own cells with the global encoder (its BatchNorm statistics recomputed
+    from the sites' sums with --bn-stats recompute); federated KMeans and scores from site sums."""
+    import torch
+    import federated
+    state = global_state  # global.pt keeps the trained weights; evaluation may use other BN statistics
+    if getattr(args, "bn_stats", "running") == "recompute":
+        online = federated.server_bn(sites, {key: v.numpy() for key, v in global_state["online"].items()})
+        state = {**global_state, "online": {key: torch.from_numpy(v) for key, v in online.items()}}
+    sites.ask("embed", label_names=label_names, **flat(state))  # each site embeds its own cells
+    return federated.server_metrics(sites, k, args.seed, None if label_names is None else len(label_names))
+
+
+def save(args, folder, global_state, log, metrics, files, status, t_start, seconds):
+    """The run's folder (global.pt, rounds.csv, result.json) and its row in --out; status ok or diverged."""
     import pandas as pd
+    import torch
+    import formats, runs
     formats.write_atomic(os.path.join(folder, "global.pt"), lambda tmp: torch.save(global_state, tmp))
     formats.write_atomic(os.path.join(folder, "rounds.csv"), lambda tmp: pd.DataFrame(log).to_csv(tmp, index=False))
-    row = {**vars(args), **metrics, "status": "ok", "seconds": round(time.time() - t_start, 2),
+    row = {**vars(args), **metrics, "status": status, "seconds": round(time.time() - t_start, 2),
            "train_seconds": round(seconds, 2), "torch": torch.__version__, "commit": runs.git_commit(),
-           "config_id": runs.config_id(args), "run": name, "runtime": "flower", "site_files": json.dumps(files)}
+           "config_id": runs.config_id(args), "run": os.path.basename(folder), "runtime": "flower",
+           "site_files": json.dumps(files)}
     formats.write_atomic(os.path.join(folder, "result.json"), lambda tmp: json.dump(row, open(tmp, "w"), indent=1))
     runs.append_row(args.out, row)
     print(f"wrote a row to {args.out} and the run's files to {folder}"
           + (f"; each site wrote its own cells: {', '.join(files)}" if files else ""), flush=True)
-    return metrics
 
 
 def make_app(overrides=None):
