@@ -228,7 +228,8 @@ def main(argv=None):
                     if field.init and (field.name not in df.columns or field.name in added):  # a new option: its default
                         default = field.default_factory() if callable(field.default_factory) else field.default
                         if field.name not in df.columns:
-                            df[field.name], _ = "", added.add(field.name)
+                            df[field.name] = ""
+                            added.add(field.name)
                         df.loc[hit, field.name] = str(default)
                 for col in ("rehash_verified", "code_commit"):
                     if col not in df:

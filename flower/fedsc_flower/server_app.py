@@ -159,40 +159,35 @@ def run(grid, run_config):
     common.seed_everything(args.seed)
     model = mod.make_model(n_genes, args)  # the server's initial global model (seeded, as the scripts)
     global_state = {key: common.weights(module) for key, module in model.items()}  # round 0: every module
-    log, t_train = [], time.time()
-    for rnd in range(args.rounds):
-        t0, lr = time.time(), common.learning_rate(args, rnd)
-        replies = sites.ask("train", lr=lr, round=rnd, **flat(global_state))
-        uploads = [(unflat(r), int(r["num-examples"])) for r in replies]
-        global_state = mod.aggregate(uploads)  # SERVER: only weights and counts arrive
-        logs = [{k: v for k, v in r.items() if "." not in k and k != "num-examples"} for r in replies]
-        log += [{"round": rnd + 1, "client": c, "lr": lr, **e, "seconds": time.time() - t0} for c, e in enumerate(logs)]
-        loss = float(np.mean([e["loss"] for e in logs]))
-        if not math.isfinite(loss):  # a result, not an input error: the row records it
-            save(args, runs.run_folder(args), global_state, log, {}, [], "diverged", t_start, time.time() - t_train)
-            raise common.Diverged(f"round {rnd + 1}: the loss is {loss}; try a smaller --lr")
-        line = f"round {rnd + 1}/{args.rounds}  loss {loss:.4f}  lr {lr:.4f}"
-        for key in sorted({k for e in logs for k in e} - {"loss"}):
-            line += f"  {key} " + "/".join(f"{e[key]:.3f}" for e in logs if key in e)
-        if args.eval_every and (rnd + 1) % args.eval_every == 0 and rnd + 1 < args.rounds and run_config["evaluate"]:
-            try:
+    log, t_train, metrics = [], time.time(), {}
+    try:  # a diverged run (its loss, a site's step or a site's embedding not finite) is a result: its row records it
+        for rnd in range(args.rounds):
+            t0, lr = time.time(), common.learning_rate(args, rnd)
+            replies = sites.ask("train", lr=lr, round=rnd, **flat(global_state))
+            uploads = [(unflat(r), int(r["num-examples"])) for r in replies]
+            global_state = mod.aggregate(uploads)  # SERVER: only weights and counts arrive
+            logs = [{k: v for k, v in r.items() if "." not in k and k != "num-examples"} for r in replies]
+            log += [{"round": rnd + 1, "client": c, "lr": lr, **e, "seconds": time.time() - t0} for c, e in enumerate(logs)]
+            loss = float(np.mean([e["loss"] for e in logs]))
+            if not math.isfinite(loss):
+                raise common.Diverged(f"round {rnd + 1}: the loss is {loss}; try a smaller --lr")
+            line = f"round {rnd + 1}/{args.rounds}  loss {loss:.4f}  lr {lr:.4f}"
+            for key in sorted({k for e in logs for k in e} - {"loss"}):
+                line += f"  {key} " + "/".join(f"{e[key]:.3f}" for e in logs if key in e)
+            if args.eval_every and (rnd + 1) % args.eval_every == 0 and rnd + 1 < args.rounds and run_config["evaluate"]:
                 m = evaluate(sites, args, global_state, label_names, k)  # as the final evaluation, at the sites
-            except common.Diverged:
-                save(args, runs.run_folder(args), global_state, log, {}, [], "diverged", t_start, time.time() - t_train)
-                raise
-            line += "".join(f"  {key} {m[key]:.2f}" for key in ("ari", "sil_simplified", "erank") if key in m)
-        print(line + f"  {time.time() - t0:.2f}s", flush=True)
-    seconds = time.time() - t_train
-    print(f"trained {args.rounds} rounds in {seconds:.1f}s", flush=True)
-    folder, metrics, files = runs.run_folder(args), {}, []
-    if run_config["evaluate"]:
-        try:
+                line += "".join(f"  {key} {m[key]:.2f}" for key in ("ari", "sil_simplified", "erank") if key in m)
+            print(line + f"  {time.time() - t0:.2f}s", flush=True)
+        seconds = time.time() - t_train
+        print(f"trained {args.rounds} rounds in {seconds:.1f}s", flush=True)
+        if run_config["evaluate"]:
             metrics = evaluate(sites, args, global_state, label_names, k)
-        except common.Diverged:  # a site's embedding holds NaN: the row records it
-            save(args, folder, global_state, log, {}, [], "diverged", t_start, seconds)
-            raise
-        name = os.path.basename(folder)
-        files = [r["path"] for r in sites.ask("finish", run=name, config=json.dumps(vars(args)))]
+    except common.Diverged:
+        save(args, runs.run_folder(args), global_state, log, {}, [], "diverged", t_start, time.time() - t_train)
+        raise
+    folder, files = runs.run_folder(args), []
+    if run_config["evaluate"]:
+        files = [r["path"] for r in sites.ask("finish", run=os.path.basename(folder), config=json.dumps(vars(args)))]
         print("final  " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f"  time {time.time() - t_start:.1f}s", flush=True)
     save(args, folder, global_state, log, metrics, files, "ok", t_start, seconds)
     return metrics
