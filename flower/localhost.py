@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 APP = os.path.dirname(os.path.abspath(__file__))
@@ -79,32 +80,105 @@ class Deployment:
         return status or "timeout"
 
 
+def certificates(folder):
+    """TLS for a SuperLink on 127.0.0.1: a CA and the SuperLink's certificate signed by it (valid one day).
+    Returns {"ca": ..., "cert": ..., "key": ...}, PEM file paths."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject, key, issuer, issuer_key, *extensions):
+        name = lambda cn: x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])  # noqa: E731
+        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1)))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, key = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    ca = certificate("fedsc test CA", ca_key, "fedsc test CA", ca_key, (x509.BasicConstraints(ca=True, path_length=None), True))
+    cert = certificate("127.0.0.1", key, "fedsc test CA", ca_key,
+                       (x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                     x509.DNSName("localhost")]), False))
+    paths = {name: os.path.join(folder, f"{name}.pem") for name in ("ca", "cert", "key")}
+    for name, data in (("ca", ca.public_bytes(serialization.Encoding.PEM)), ("cert", cert.public_bytes(serialization.Encoding.PEM)),
+                       ("key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                                 serialization.NoEncryption()))):
+        with open(paths[name], "wb") as f:
+            f.write(data)
+    return paths
+
+
+def node_key(folder, name):
+    """A SuperNode's authentication key pair (EC P-384, OpenSSH format, as Flower reads it): (private, public) paths."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = os.path.join(folder, name), os.path.join(folder, f"{name}.pub")
+    with open(private, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    with open(public, "wb") as f:
+        f.write(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return private, public
+
+
 @contextlib.contextmanager
-def deployment(folder, node_configs):
-    """A SuperLink and one SuperNode per node config (e.g. 'data-path="a.h5" out-dir="out_a"')."""
+def deployment(folder, node_configs, worker=True, secure=False):
+    """A SuperLink and one SuperNode per node config (e.g. 'data-path="a.h5" out-dir="out_a"'); with worker,
+    each SuperNode with process isolation and its long-lived ClientApp process (fedsc_flower/worker.py),
+    else Flower's default: a new flwr-clientapp process per message. secure: TLS (certificates above)
+    between every process and the SuperLink, and SuperNode authentication: the SuperLink admits only the
+    SuperNodes whose public keys were registered (`flwr supernode register`); deployment.node_key and
+    deployment.start_supernode start more of them."""
     os.makedirs(folder, exist_ok=True)
     home = os.path.join(folder, "flwr_home")
     os.makedirs(home, exist_ok=True)
     link, *nodes = free_ports(1 + len(node_configs))
+    tls = certificates(folder) if secure else {}
     # an explicit connection to our own SuperLink (the default 'local' one starts a detached SuperLink)
     with open(os.path.join(home, "config.toml"), "w") as f:
-        f.write(f'[superlink]\ndefault = "here"\n\n[superlink.here]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+        f.write(f'[superlink]\ndefault = "here"\n\n[superlink.here]\naddress = "127.0.0.1:{link}"\n' +
+                (f'root-certificates = "{tls["ca"]}"\n' if secure else "insecure = true\n"))
     env, procs, logs = flower_env(home), [], []
 
     def start(name, cmd):
         logs.append(open(os.path.join(folder, f"{name}.log"), "w"))
         procs.append(subprocess.Popen(cmd, env=env, cwd=folder, stdout=logs[-1], stderr=subprocess.STDOUT,
                                       start_new_session=True))
+        return procs[-1]
+
+    def start_supernode(name, config, port, key=None):
+        """A SuperNode (and its worker); secure: it authenticates with the private key `key`."""
+        supernode = [sys.executable, "-m", "fedsc_flower.supernode", "--isolation", "process"] if worker else ["flower-supernode"]
+        security = ["--root-certificates", tls["ca"], "--auth-supernode-private-key", key] if secure else ["--insecure"]
+        proc = start(name, supernode + security + ["--superlink", f"127.0.0.1:{link}", "--max-retries", "0",
+                                                   "--host", "127.0.0.1", "--port", str(port), "--node-config", config])
+        if worker:
+            start(name.replace("supernode", "worker"), [sys.executable, "-m", "fedsc_flower.worker", "--insecure",
+                                                         "--runtime-api-address", f"127.0.0.1:{port}"])
+        return proc
 
     try:
-        start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
+        security = ["--ssl-ca-certfile", tls["ca"], "--ssl-certfile", tls["cert"], "--ssl-keyfile", tls["key"],
+                    "--enable-supernode-auth"] if secure else ["--insecure"]
+        start("superlink", ["flower-superlink", *security, "--host", "127.0.0.1", "--port", str(link),
                             "--disable-runtime-dependency-installation"])
         wait_for_port(link, procs[0])  # SuperNodes with --max-retries 0 need it up
+        d = Deployment(folder, procs, env, "here")
+        d.start_supernode, d.node_key = start_supernode, lambda name: node_key(folder, name)
         for k, (config, port) in enumerate(zip(node_configs, nodes)):
-            start(f"supernode{k}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
-                                    "--max-retries", "0", "--host", "127.0.0.1", "--port", str(port),
-                                    "--node-config", config])
-        yield Deployment(folder, procs, env, "here")
+            key = None
+            if secure:
+                key, public = d.node_key(f"supernode{k}_key")
+                if not d.flwr("supernode", "register", public, d.connection).get("success"):
+                    raise RuntimeError(f"flwr supernode register {public} failed")
+            start_supernode(f"supernode{k}", config, port, key)
+        yield d
     finally:
         for p in procs:
             stop(p)

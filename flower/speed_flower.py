@@ -1,6 +1,7 @@
 """Seconds per round of one method, side by side in one run: the in-process loop (common.federate),
 Flower's simulation engine (Ray) and a deployment on this machine (a SuperLink and one SuperNode per
-site, separate processes on 127.0.0.1). Training only (evaluate=false); the same data, partition,
+site, separate processes on 127.0.0.1), once with Flower's default ClientApp process per message and
+once with a long-lived worker per site. Training only (evaluate=false); the same data, partition,
 seed and protocol (--preprocess federated) in all three.
 
     python flower/speed_flower.py [--rounds 3] [--data 10X_PBMC] [--method fedsc] [--out folder]
@@ -83,23 +84,26 @@ def main():
     for k, idx in enumerate(parts):
         files.append(formats.write_h5(os.path.join(out, f"site{k}.h5"), X[idx], Y=y[idx], label_names=names,
                                 gene_names=genes, cell_names=[f"c{i}" for i in idx]))
-    nodes = [f'data-path="{f}" out-dir="{os.path.join(out, "deployment")}"' for f in files]
-    t0 = time.time()
     extra = f"--n-genes {args.n_genes}"  # the benchmark's HVG count (site files are not recognised as the benchmark)
-    with localhost.deployment(os.path.join(out, "flower"), nodes) as flower:
-        status = flower.run(f'method="{a.method}" rounds={a.rounds} min-sites={a.clients} evaluate=false '
-                            f'out-dir="{os.path.join(out, "deployment")}" args="{extra}"', timeout=3600)
-    if status != "finished:completed":
-        sys.exit(f"the deployment ended with status {status}; logs in {os.path.join(out, 'flower')}")
-    times["Flower deployment (SuperLink + 4 SuperNodes, 127.0.0.1)"] = per_round(os.path.join(out, "deployment"))
+    for worker, name in ((False, "a new flwr-clientapp process per message (Flower's default)"),
+                         (True, "a long-lived worker per site (fedsc_flower/worker.py)")):
+        folder = os.path.join(out, f"deployment_{'worker' if worker else 'default'}")
+        nodes = [f'data-path="{f}" out-dir="{folder}"' for f in files]
+        with localhost.deployment(os.path.join(folder, "flower"), nodes, worker=worker) as flower:
+            status = flower.run(f'method="{a.method}" rounds={a.rounds} min-sites={a.clients} evaluate=false '
+                                f'out-dir="{folder}" args="{extra}"', timeout=3600)
+        if status != "finished:completed":
+            sys.exit(f"the deployment ended with status {status}; logs in {os.path.join(folder, 'flower')}")
+        times[f"Flower deployment, {a.clients} SuperNodes on 127.0.0.1: {name}"] = per_round(folder)
     load = os.getloadavg()[0]
     lines = [f"{a.method} on {a.data}, {a.clients} clients, {a.rounds} rounds, paper protocol otherwise, training only; "
              f"`python flower/speed_flower.py --rounds {a.rounds}`; load average {load:.1f} on {os.cpu_count()} CPUs at "
              f"the end (other processes slow every figure alike, not their ratios):", "",
-             "| runtime | seconds per round (each round) | mean of rounds 2.. |", "|---|---|---|"]
+             "| runtime | seconds per round (each round) | mean of rounds 2.. | x the in-process round |", "|---|---|---|---|"]
+    mean = {name: sum(t[1:] or t) / len(t[1:] or t) for name, t in times.items()}
     for name, t in times.items():
-        rest = t[1:] or t
-        lines.append(f"| {name} | {' / '.join(f'{x:.2f}' for x in t)} | {sum(rest) / len(rest):.2f} |")
+        lines.append(f"| {name} | {' / '.join(f'{x:.2f}' for x in t)} | {mean[name]:.2f} | "
+                     f"{mean[name] / next(iter(mean.values())):.1f} |")
     md = "\n".join(lines)
     print(md)
     print(json.dumps({"times": times, "simulation_wall_seconds": sim_wall, "load": load, "out": out}))

@@ -168,15 +168,16 @@ run_simulation(server_app=server_app.make_app({"rounds": 1, "data": sys.argv[1],
 # A real deployment on this machine: separate processes talking over 127.0.0.1
 # ---------------------------------------------------------------------------------------------
 def test_deployment_one_superlink_two_supernodes_each_site_gets_its_own_cells(tmp_path):
-    """flower/localhost.py: a SuperLink and two SuperNodes as separate processes, `flwr run`, polled
-    to finished:completed, every process stopped by its PID; each site wrote its own cells only."""
+    """flower/localhost.py: a SuperLink and two SuperNodes, each with its long-lived worker (worker.py), as
+    separate processes, `flwr run`, polled to finished:completed, every process stopped by its PID; the
+    global weights are the in-process --sites run's, bit for bit; each site wrote its own cells only."""
     a, b, X, y = site_files(tmp_path)
     nodes = [f'data-path="{path}" out-dir="{tmp_path / name}"' for name, path in (("site_a", a), ("site_b", b))]
     with localhost.deployment(tmp_path / "flower", nodes) as flower:
         status = flower.run(f'rounds=2 min-sites=2 timeout=600 out-dir="{tmp_path / "server"}" args="{TINY}"')
         procs = flower.procs
     assert status == "finished:completed", (status, (tmp_path / "flower" / "superlink.log").read_text()[-3000:])
-    assert len(procs) == 3 and all(p.poll() is not None for p in procs)
+    assert len(procs) == 5 and all(p.poll() is not None for p in procs)  # SuperLink, 2 SuperNodes, 2 workers
     # the server's row, and each site's own cells, preprocessed as the in-process --sites run does
     row = rows(str(tmp_path / "server" / "results.csv")).iloc[0]
     assert row["status"] == "ok" and row["clients"] == 2 and json.loads(row["sites"].replace("'", '"')) == ["a.h5", "b.h5"]
@@ -185,6 +186,14 @@ def test_deployment_one_superlink_two_supernodes_each_site_gets_its_own_cells(tm
     cli.check_args(args)
     cli.resolve(args, os.path.join(ROOT, "fedsc.py"))
     data = federated.load_sites(args)
+    args = parse("fedsc", ["--sites", a, b, "--out", str(tmp_path / "r.csv"), "--rounds", "2", "--preprocess", "federated",
+                           "--evaluate", "federated"] + TINY.split())
+    fedsc = importlib.import_module("fedsc")
+    inprocess = common.setup(args)  # seeds, then the model as the script builds it
+    model = fedsc.make_model(inprocess.X.shape[1], args)
+    common.federate(args, inprocess, model, fedsc.download, fedsc.local_update, fedsc.upload, fedsc.aggregate)
+    flower = torch.load(os.path.join(run_folder(tmp_path / "server"), "global.pt"))
+    assert all(torch.equal(flower[key][k], v) for key in flower for k, v in model[key].state_dict().items())
     for k, (name, n, prefix) in enumerate((("site_a", 70, "a"), ("site_b", 90, "b"))):
         folder = run_folder(tmp_path / name)
         assert os.listdir(folder) == [f"site{k}_{prefix}.h5ad"]  # this site's file only
@@ -194,6 +203,30 @@ def test_deployment_one_superlink_two_supernodes_each_site_gets_its_own_cells(tm
         assert ad.obsm["X_fedsc"].shape == (n, 60) and np.isfinite(ad.obsm["X_fedsc"]).all()
         assert list(ad.obs["cell_type"]) == list(np.array(["B", "NK", "T", "mono"])[y[:70] if k == 0 else y[70:]])
         assert set(ad.obs["fedsc_cluster"].astype(int)) <= set(range(4))
+
+
+def test_a_deployment_with_tls_and_supernode_authentication(tmp_path):
+    """Certificates and keys made in the test: the SuperLink serves TLS only (a connection without it is
+    refused) and admits only registered SuperNodes (a SuperNode with an unregistered key exits with Flower's
+    code 305 and is not listed); the run of the two registered sites completes."""
+    a, b, X, y = site_files(tmp_path)
+    nodes = [f'data-path="{path}" out-dir="{tmp_path / name}"' for name, path in (("site_a", a), ("site_b", b))]
+    with localhost.deployment(tmp_path / "flower", nodes, secure=True) as flower:
+        status = flower.run(f'rounds=1 min-sites=2 timeout=600 evaluate=false out-dir="{tmp_path / "server"}" args="{TINY}"')
+        key, _ = flower.node_key("unregistered")
+        intruder = flower.start_supernode("supernode_unregistered", f'data-path="{a}"', localhost.free_ports(1)[0], key)
+        assert intruder.wait(timeout=120) != 0
+        listed = flower.flwr("supernode", "ls", flower.connection)
+        config = tmp_path / "flower" / "flwr_home" / "config.toml"
+        address = re.search(r'address = "([^"]+)"', config.read_text()).group(1)
+        with open(config, "a") as f:
+            f.write(f'\n[superlink.plain]\naddress = "{address}"\ninsecure = true\n')
+        plain = flower.flwr("ls", "plain")
+    assert status == "finished:completed", (tmp_path / "flower" / "superlink.log").read_text()[-3000:]
+    assert "Exit Code: 305" in (tmp_path / "flower" / "supernode_unregistered.log").read_text()
+    assert listed["success"] and len(listed["nodes"]) == 2, listed
+    assert not plain.get("success") and "unavailable" in plain.get("error-message", ""), plain
+    assert rows(str(tmp_path / "server" / "results.csv")).iloc[0]["status"] == "ok"
 
 
 def test_flower_refuses_what_it_does_not_offer(tmp_path):

@@ -6,7 +6,8 @@ runs call), and trains with the method file's own download -> local_update -> up
 A ClientApp object is made anew for every message: everything a site keeps between messages (its
 site state: its preprocessed cells, library sizes, embedding and KMeans labels; its model incl. the
 target / key encoder, the method's client.state such as FedSC's lambda or MoCo's queue, its
-torch.Generator) lives in context.state, which never leaves the SuperNode."""
+torch.Generator) lives in context.state, which never leaves the SuperNode. Run by the long-lived worker
+(worker.py, KEPT_IN_PROCESS), the same values stay in that process's memory instead (KEPT), unpacked."""
 import copy
 import os
 
@@ -18,6 +19,8 @@ from fedsc_flower.records import (SiteError, args_from_text, content, method_mod
                                   unflat, unpack, unpack_site)
 
 app = ClientApp()
+KEPT_IN_PROCESS = False  # worker.py sets it: state kept in KEPT, not packed into context.state
+KEPT = {}  # (run id, node id) -> {"site": the site state, "client": common.Client}
 
 
 class Site:
@@ -44,7 +47,10 @@ class Site:
     def answer(self):
         """The reply to the message: federated.site_step for a shared step, else this app's own."""
         action, store = self.cfg["action"], self.context.state
-        state = unpack_site(store["fedsc.site"]) if "fedsc.site" in store else {}
+        if KEPT_IN_PROCESS:
+            state = self.kept.setdefault("site", {})
+        else:
+            state = unpack_site(store["fedsc.site"]) if "fedsc.site" in store else {}
         if action in ("hello", "read", "train", "embed", "finish"):
             reply = getattr(self, action)(state)
         else:
@@ -52,9 +58,18 @@ class Site:
                 state["net"] = self.model(state["x"].shape[1])["online"]
             reply = self.federated.site_step(state, action, self.payload)
             state.pop("net", None)
-        if action != "train":
+        if action != "train" and not KEPT_IN_PROCESS:
             store["fedsc.site"] = pack_site(state)
         return reply
+
+    @property
+    def kept(self):
+        """This site's entry of KEPT (only the current run's are kept)."""
+        key = (self.context.run_id, self.context.node_id)
+        if key not in KEPT:
+            KEPT.clear()
+            KEPT[key] = {}
+        return KEPT[key]
 
     def model(self, n_genes, weights=None):
         """The method's model (built without touching the torch RNG), with the modules in weights loaded."""
@@ -140,6 +155,8 @@ class Site:
         initial model (every module, as sent in round 0) and the generator seeded by the seed and its id."""
         import torch
         common, store = self.common, self.context.state
+        if KEPT_IN_PROCESS and "client" in self.kept:
+            return self.kept["client"]
         model = self.model(x.shape[1])
         if "fedsc.model" not in store:
             for key, module in model.items():
@@ -154,6 +171,9 @@ class Site:
 
     def save_client(self, client):
         import torch
+        if KEPT_IN_PROCESS:
+            self.kept["client"] = client
+            return
         store = self.context.state
         tensors = {k: v for k, v in client.state.items() if isinstance(v, torch.Tensor)}
         values = {k: v for k, v in client.state.items() if k not in tensors}

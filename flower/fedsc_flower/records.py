@@ -85,15 +85,27 @@ def unflat(values):
 
 
 def content(payload, **records):
-    """A plain dict -> the records of a message: arrays (numpy, torch) in 'arrays', numbers and text in 'values'."""
+    """A plain dict -> the records of a message: numbers and text in 'values'; the arrays (numpy, torch) as one
+    byte string in 'arrays', with their names, dtypes and shapes in 'values' (one object to send, not one per
+    array: each object is a request at every hop)."""
     arrays = {k: v for k, v in payload.items() if isinstance(v, np.ndarray) or hasattr(v, "detach")}
-    return RecordDict({"arrays": pack(arrays), "values": config(**{k: v for k, v in payload.items() if k not in arrays}),
+    arrays = {k: v.detach().cpu().numpy() if hasattr(v, "detach") else v for k, v in arrays.items()}
+    index = [[k, v.dtype.str, list(v.shape)] for k, v in arrays.items()]
+    blob = b"".join(np.ascontiguousarray(v).tobytes() for v in arrays.values())
+    values = config(**{k: v for k, v in payload.items() if k not in arrays}, **{"arrays.index": json.dumps(index)})
+    return RecordDict({"arrays": ArrayRecord({"bytes": Array(np.frombuffer(blob, np.uint8))}), "values": values,
                        **records})
 
 
 def plain(records):
-    """The inverse of content: one plain dict of numpy arrays, numbers and text."""
-    return {**dict(records["values"]), **unpack(records["arrays"])}
+    """The inverse of content: one plain dict of numpy arrays (exact: dtypes and bits are kept), numbers and text."""
+    values = dict(records["values"])
+    blob, at, out = records["arrays"]["bytes"].numpy().tobytes(), 0, {}
+    for name, dtype, shape in json.loads(values.pop("arrays.index")):
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        out[name] = np.frombuffer(blob[at:at + n], dtype).reshape(shape).copy()
+        at += n
+    return {**values, **out}
 
 
 def pack_site(state):

@@ -16,7 +16,13 @@ import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from flwr.superlink.grid import http_grid
+
+from fedsc_flower import waits
 from fedsc_flower.records import DEFAULTS, SiteError, args_to_text, config, content, flat, method_module, plain, repo, unflat
+
+POLL = waits.POLL  # seconds between the server's asks for the sites' replies
+waits.shorten(http_grid)  # the replies' weights: retried after 0.02 s, not 1 s
 
 
 class Sites:
@@ -34,7 +40,7 @@ class Sites:
             msgs.append(Message(records, dst_node_id=node, message_type="train" if action == "train" else "query",
                                 group_id=f"{action}{self.sent}"))
         self.sent += 1
-        replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(msgs, timeout=self.timeout)}
+        replies = {r.metadata.src_node_id: r for r in self.send_and_receive(msgs)}
         out = []
         for cid, node in enumerate(self.nodes):
             r = replies.get(node)
@@ -51,6 +57,18 @@ class Sites:
                 raise SiteError(err["error"])
             out.append(plain(r.content))
         return out
+
+
+    def send_and_receive(self, msgs):
+        """grid.send_and_receive, asking for the replies every POLL seconds (Flower's deployment grid waits 3 s)."""
+        waiting, replies, t0 = set(self.grid.push_messages(msgs)), [], time.time()
+        while waiting and time.time() - t0 < self.timeout:
+            new = list(self.grid.pull_messages(waiting))
+            replies += new
+            waiting -= {r.metadata.reply_to_message_id for r in new}
+            if waiting:
+                time.sleep(POLL)
+        return replies
 
 
 def wait_for_sites(grid, n, timeout):
