@@ -21,7 +21,6 @@ from flwr.superlink.grid import http_grid
 from fedsc_flower import waits
 from fedsc_flower.records import DEFAULTS, SiteError, args_to_text, config, content, flat, method_module, plain, repo, unflat
 
-POLL = waits.POLL  # seconds between the server's asks for the sites' replies
 waits.shorten(http_grid)  # the replies' weights: retried after 0.02 s, not 1 s
 
 
@@ -60,14 +59,14 @@ class Sites:
 
 
     def send_and_receive(self, msgs):
-        """grid.send_and_receive, asking for the replies every POLL seconds (Flower's deployment grid waits 3 s)."""
-        waiting, replies, t0 = set(self.grid.push_messages(msgs)), [], time.time()
+        """grid.send_and_receive, asking for the replies after waits.Backoff's waits (Flower's deployment grid waits 3 s)."""
+        waiting, replies, t0, backoff = set(self.grid.push_messages(msgs)), [], time.time(), waits.Backoff()
         while waiting and time.time() - t0 < self.timeout:
             new = list(self.grid.pull_messages(waiting))
             replies += new
             waiting -= {r.metadata.reply_to_message_id for r in new}
             if waiting:
-                time.sleep(POLL)
+                backoff.wait()
         return replies
 
 

@@ -7,7 +7,7 @@ from flwr.supernode.cli.flower_supernode import flower_supernode
 from fedsc_flower import waits
 
 waits.shorten(start_client_internal)
-start_client_internal.time = waits.ShortSleep()  # the 3 s wait for a message and the 0.5 s look for a reply
+start_client_internal.time = waits.ShortSleep()  # its 3 s wait for a message, its 0.5 s looks for a reply
 
 if __name__ == "__main__":
     flower_supernode()

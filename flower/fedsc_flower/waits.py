@@ -4,11 +4,13 @@ A message's objects (its weights) can reach a process after the message itself; 
 after 1 s, 2 s, 4 s ... up to 10 s (the initial_backoff and backoff_cap arguments of its pull_objects).
 A SuperNode that finds no message waits 3 s before it asks the SuperLink again, and 0.5 s between
 looks for its ClientApp's reply. At a sub-second round these waits are most of a round. shorten()
-passes smaller values to those same functions: a first retry after 0.02 s, none later than POLL s."""
+passes smaller values to those same functions; Backoff replaces the fixed waits: a first wait of
+0.02 s after any work, each next one twice as long, none longer than POLL s, so a quick answer is
+seen at once and an idle process asks 1 / POLL times a second."""
 import functools
 import time
 
-POLL = 0.1  # the longest wait; an idle SuperNode asks its SuperLink 10 times a second
+FIRST, POLL = 0.02, 0.2
 
 
 def shorten(*modules):
@@ -18,15 +20,36 @@ def shorten(*modules):
         for name in ("pull_objects", "pull_and_inflate_object_from_tree"):
             f = getattr(module, name, None)
             if f is not None and not isinstance(f, functools.partial):
-                setattr(module, name, functools.partial(f, initial_backoff=0.02, backoff_cap=POLL))
+                setattr(module, name, functools.partial(f, initial_backoff=FIRST, backoff_cap=POLL))
+
+
+class Backoff:
+    """wait(): FIRST s after a reset (work was done), then each wait twice the last, up to POLL s."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.last = FIRST / 2
+
+    def wait(self):
+        self.last = min(self.last * 2, POLL)
+        time.sleep(self.last)
 
 
 class ShortSleep:
-    """A stand-in for a module's `time`: the same clock, sleeps of at most POLL s."""
+    """A stand-in for the SuperNode loop's `time`: the same clock; its waits for a message become a Backoff,
+    its looks for a local reply (0.5 s) every FIRST s."""
+
+    def __init__(self):
+        self.backoff = Backoff()
 
     def __getattr__(self, name):
         return getattr(time, name)
 
-    @staticmethod
-    def sleep(seconds):
-        time.sleep(min(seconds, POLL))
+    def sleep(self, seconds):
+        if seconds >= 1:  # the 3 s wait for a message from the SuperLink
+            self.backoff.wait()
+        else:  # a look into its own state for a ClientApp's reply: a message is being handled
+            self.backoff.reset()
+            time.sleep(min(seconds, FIRST))

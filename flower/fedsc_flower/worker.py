@@ -73,7 +73,6 @@ def main():
     p.add_argument("--runtime-api-address", default="127.0.0.1:9094", help="the SuperNode's Runtime API (its --port)")
     p.add_argument("--insecure", action="store_true", help="the Runtime API without TLS (the SuperNode's default)")
     p.add_argument("--root-certificates", default="", help="CA certificate of the Runtime API's TLS (its --ssl-certfile)")
-    p.add_argument("--poll", type=float, default=waits.POLL, help="seconds between asks for a task when there is none")
     a = p.parse_args()
     if not a.insecure and not a.root_certificates:
         p.error("give --insecure or --root-certificates, as the SuperNode's Runtime API is configured")
@@ -81,13 +80,15 @@ def main():
     client_app.KEPT_IN_PROCESS = True
     runtime = connect(a.runtime_api_address, certificates, RuntimeVersionHttpInterceptor(component_name="SuperExec"))
     print(f"fedsc worker (pid {os.getpid()}) serving {a.runtime_api_address}", flush=True)
+    backoff = waits.Backoff()
     try:
         while True:
             res = runtime.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             if res.HasField("task") and res.token:
                 run_task(a.runtime_api_address, certificates, res.token)
+                backoff.reset()
             else:
-                time.sleep(a.poll)
+                backoff.wait()
     except KeyboardInterrupt:
         print("fedsc worker stopped", flush=True)
 
