@@ -55,6 +55,7 @@ def main():
     import cli, formats
     import data as D
     out = a.out or tempfile.mkdtemp(prefix="speed_flower_")
+    load_before = os.getloadavg()[0]
     env = localhost.flower_env(os.path.join(out, "flwr_home"))
     times = {}
     # in process: the method file itself, --preprocess federated, one client at a time
@@ -97,8 +98,8 @@ def main():
         times[f"Flower deployment, {a.clients} SuperNodes on 127.0.0.1: {name}"] = per_round(folder)
     load = os.getloadavg()[0]
     lines = [f"{a.method} on {a.data}, {a.clients} clients, {a.rounds} rounds, paper protocol otherwise, training only; "
-             f"`python flower/speed_flower.py --rounds {a.rounds}`; load average {load:.1f} on {os.cpu_count()} CPUs at "
-             f"the end (other processes slow every figure alike, not their ratios):", "",
+             f"`python flower/speed_flower.py --rounds {a.rounds}`; load average {load_before:.1f} on {os.cpu_count()} CPUs "
+             f"before, {load:.1f} at the end (the deployments' own processes count):", "",
              "| runtime | seconds per round (each round) | mean of rounds 2.. | x the in-process round |", "|---|---|---|---|"]
     mean = {name: sum(t[1:] or t) / len(t[1:] or t) for name, t in times.items()}
     for name, t in times.items():
