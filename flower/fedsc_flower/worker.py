@@ -8,12 +8,11 @@ and the site keeps its state in this process's memory (client_app.KEPT) instead 
 It runs only this app's ClientApp (fedsc_flower.client_app), and listens to nothing: it connects to
 its own SuperNode's Runtime API, on the site's machine.
 
-    flower-supernode --isolation process --port 9094 ...   # the SuperNode's Runtime API on 127.0.0.1:9094
+    python -m fedsc_flower.supernode --isolation process --port 9094 ...   # Runtime API on 127.0.0.1:9094
     python -m fedsc_flower.worker --runtime-api-address 127.0.0.1:9094 --insecure
 """
 import argparse
 import os
-import time
 import traceback
 
 from flwr.app import Message
