@@ -182,16 +182,12 @@ def test_deployment_one_superlink_two_supernodes_each_site_gets_its_own_cells(tm
     row = rows(str(tmp_path / "server" / "results.csv")).iloc[0]
     assert row["status"] == "ok" and row["clients"] == 2 and json.loads(row["sites"].replace("'", '"')) == ["a.h5", "b.h5"]
     import anndata
-    args = parse("fedsc", ["--sites", a, b, "--out", str(tmp_path / "r.csv")] + TINY.split())
-    cli.check_args(args)
-    cli.resolve(args, os.path.join(ROOT, "fedsc.py"))
-    data = federated.load_sites(args)
     args = parse("fedsc", ["--sites", a, b, "--out", str(tmp_path / "r.csv"), "--rounds", "2", "--preprocess", "federated",
                            "--evaluate", "federated"] + TINY.split())
     fedsc = importlib.import_module("fedsc")
-    inprocess = common.setup(args)  # seeds, then the model as the script builds it
-    model = fedsc.make_model(inprocess.X.shape[1], args)
-    common.federate(args, inprocess, model, fedsc.download, fedsc.local_update, fedsc.upload, fedsc.aggregate)
+    data = common.setup(args)  # the in-process --sites run: seeds, loads the sites, then the model as the script builds it
+    model = fedsc.make_model(data.X.shape[1], args)
+    common.federate(args, data, model, fedsc.download, fedsc.local_update, fedsc.upload, fedsc.aggregate)
     flower = torch.load(os.path.join(run_folder(tmp_path / "server"), "global.pt"))
     assert all(torch.equal(flower[key][k], v) for key in flower for k, v in model[key].state_dict().items())
     for k, (name, n, prefix) in enumerate((("site_a", 70, "a"), ("site_b", 90, "b"))):

@@ -15,7 +15,6 @@ import time
 import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
-
 from flwr.superlink.grid import http_grid
 
 from fedsc_flower import waits
@@ -56,7 +55,6 @@ class Sites:
                 raise SiteError(err["error"])
             out.append(plain(r.content))
         return out
-
 
     def send_and_receive(self, msgs):
         """grid.send_and_receive, asking for the replies after waits.Backoff's waits (Flower's deployment grid waits 3 s)."""
