@@ -16,7 +16,6 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-import cli
 import common
 import federated
 import data as D
