@@ -11,13 +11,12 @@ import time
 import typing
 from dataclasses import dataclass
 
+import cli  # first: a Ctrl-C while torch loads then ends with one line (cli.py)
+import common
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import cli
-import common
 
 
 NAMES = {"pca": "PCA", "pca_raw": "PCA-raw (paper)", "csc": "contrastive-sc"}

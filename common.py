@@ -15,12 +15,14 @@ what a client uploads, how the server aggregates and how a client takes the glob
 Support modules, not the lesson: cli.py (options and checks), runs.py (the run's files and results
 row), federated.py (every step kept at the sites), formats.py (file formats).
 """
+import cli  # first: a Ctrl-C while numpy and torch load then ends with one line
 import concurrent.futures
 import copy
 import dataclasses
 import json
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass
 
@@ -29,11 +31,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cli
 import data as D
 import runs
 import federated
 from cli import DataArgs, Diverged, FedArgs, check, parse_args, user_errors  # noqa: F401 (the command line: cli.py)
+if cli.MAIN_THREAD:  # torch is loaded: Python's own Ctrl-C handling again (user_errors() turns it into one line)
+    signal.signal(signal.SIGINT, cli.SIGINT_BEFORE or signal.default_int_handler)
 
 EMBED_DIM = 60    # backbone output f(x): what KMeans clusters (contrastive-sc's [200, 40, 60])
 PROJ_DIM = 128    # head output g(f(x)) that the losses compare (the paper's 128-d predictor)
@@ -165,14 +168,19 @@ def federate(args, data, model, download, local_update, upload, aggregate):
     # SERVER SIDE: the global weights; round 0 broadcasts the seeded initial model
     global_state = {key: weights(module) for key, module in model.items()}
 
+    protos = None  # --prototypes: the server's shared prototypes (none before the sites' first centroids)
+
     def on_client(c, lr):  # ---- on client c: its cells and local state never leave it ---------
         if args.anchor:  # the anchor head goes and comes back as is (plain FedAvg), for every method
             c.model["anchor"].load_state_dict(global_state["anchor"])
+        c.state["protos"] = protos
         entry = download(c, global_state, args)
         entry.update(local_update(c, lr, args))
         sent, n = upload(c)
         if args.anchor:
             sent = {**sent, "anchor": weights(c.model["anchor"])}
+        if args.prototypes:  # equal-size centroids of its cells' projections, never the cells
+            sent = {**sent, "centroids": site_centroids(c, args.proto_local)}
         return (sent, n), entry
 
     # --threads N trains N clients at once (each client has its own RNG: same result as one by one)
@@ -185,6 +193,8 @@ def federate(args, data, model, download, local_update, upload, aggregate):
         global_state = aggregate(uploads)  # ---- on the server: only weights and counts arrive --
         if args.anchor:
             global_state["anchor"] = fedavg([sent["anchor"] for sent, _ in uploads], [n for _, n in uploads])
+        if args.prototypes and rnd + 1 >= args.proto_warmup:
+            protos = server_prototypes([sent["centroids"] for sent, _ in uploads], args.proto_global, args.seed + rnd)
         log += [{"round": rnd + 1, "client": c.cid, "lr": lr, **e} for c, e in zip(clients, logs)]
         loss = float(np.mean([e["loss"] for e in logs]))
         if not math.isfinite(loss):  # a result, not an input error: the row records it
@@ -236,6 +246,58 @@ def anchor_loss(model, x, target):
     scaled PCA coordinates (1 for a head that predicts 0)."""
     h = F.normalize(model["online"].f(x), dim=1)
     return ((model["anchor"](h) - target) ** 2).sum(1).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# --prototypes: cluster centres every site shares (Orchestra, Lubana et al. ICML 2022). Each site
+# sends equal-size centroids of its cells' unit projections; the server clusters all of them into
+# global prototypes; a site's local loss then asks each masked view to take the other view's
+# assignment over every prototype, so types held by other sites act as its negatives.
+# ---------------------------------------------------------------------------------------------
+def sinkhorn(scores, iters=10, sharpness=25.0):
+    """Soft assignments of rows to columns with (nearly) equal column sums (Sinkhorn-Knopp)."""
+    q = torch.softmax(scores * sharpness, dim=1)
+    for _ in range(iters):
+        q = q / q.sum(0, keepdim=True)
+        q = q / q.sum(1, keepdim=True)
+    return q
+
+
+def sinkhorn_kmeans(z, k, gen, iters=5):
+    """Spherical k-means of the unit rows z into k unit centroids of about equal size (Orchestra's
+    local clustering): every centroid is the mean of about len(z) / k rows."""
+    c = z[torch.randperm(len(z), generator=gen)[:min(k, len(z))]]
+    for _ in range(iters):
+        a = sinkhorn(z @ c.T).argmax(1)
+        c = torch.stack([F.normalize(z[a == j].mean(0), dim=0) if (a == j).any() else c[j] for j in range(len(c))])
+    return c
+
+
+@torch.no_grad()
+def site_centroids(client, k):
+    """On a SITE: k equal-size centroids of its cells' unit projections g(f(x)) (eval mode, unmasked)."""
+    enc = client.model["online"]
+    enc.eval()
+    z = F.normalize(enc(client.x), dim=1)
+    enc.train()
+    return sinkhorn_kmeans(z, k, client.gen)
+
+
+def server_prototypes(centroids, k, seed):
+    """On the SERVER: the sites' centroids clustered into k shared prototypes."""
+    return sinkhorn_kmeans(torch.cat(centroids), k, torch.Generator().manual_seed(seed))
+
+
+def proto_loss(model, v1, v2, protos, t_student=0.1, t_teacher=0.05):
+    """Swapped prediction over the shared prototypes: cross-entropy between one view's sharpened
+    assignment by the teacher (the method's target or key encoder; the online one, detached, when it
+    has none) and the other view's assignment by the online encoder, both ways."""
+    teacher = model["target"] if "target" in model else model["key"] if "key" in model else model["online"]
+    assign = lambda net, v, t: F.normalize(net(v), dim=1) @ protos.T / t
+    with torch.no_grad():
+        q1, q2 = (F.softmax(assign(teacher, v, t_teacher), dim=1) for v in (v1, v2))
+    ce = lambda q, v: -(q * F.log_softmax(assign(model["online"], v, t_student), dim=1)).sum(1).mean()
+    return (ce(q1, v2) + ce(q2, v1)) / 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,9 +11,8 @@ as for every method, not in --evaluate federated."""
 import dataclasses
 from dataclasses import dataclass
 
+import common  # first: a Ctrl-C while numpy and torch loads then ends with one line (cli.py)
 import numpy as np
-
-import common
 
 
 @dataclass

@@ -11,11 +11,10 @@ import argparse
 import os
 import re
 
+import cli  # first: a Ctrl-C while numpy and torch loads then ends with one line (cli.py)
+import common
 import numpy as np
 import scipy.sparse as sp
-
-import cli
-import common
 import formats
 import data as D
 

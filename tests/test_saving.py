@@ -154,3 +154,26 @@ def test_two_runs_appending_to_one_out_both_land(tmp_path):
         runs.save_run(args, data, log, "ok", dict(metrics), h, pred)
     folders, hidden, rows = saved(args.out)
     assert len(rows) == 2 and sorted(rows) == folders and hidden == []
+
+
+# A child that sends itself SIGINT the moment a script first imports `module`: a Ctrl-C that lands
+# while numpy or torch load, every time, without guessing how long loading takes.
+CTRL_C_AT_IMPORT = """
+import builtins, os, runpy, signal, sys
+module, real = sys.argv.pop(1), builtins.__import__
+def hook(name, *a, **k):
+    if name == module and name not in sys.modules:
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(name, *a, **k)
+builtins.__import__ = hook
+sys.argv.pop(0)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script,module", [("fedsc.py", "torch"), ("fedpca.py", "numpy"),
+                                           ("centralized.py", "torch"), ("split.py", "numpy")])
+def test_ctrl_c_while_the_libraries_load_ends_with_one_line(script, module):
+    p = subprocess.run([sys.executable, "-c", CTRL_C_AT_IMPORT, module, script, "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stderr, p.stdout) == (130, "interrupted\n", "")
