@@ -109,10 +109,11 @@ def first_layer_variants(n_genes, batch=128, p=0.9, seconds=1.0):
 
 def step_variants(n_genes, n_cells=1068, epochs=2, repeats=3):
     """ms per local step of FedSC (the paper's batch 128, one thread) done as fedsc.local_update does
-    it, and with two of the issue's candidates that keep the method: both views through each network
-    in one forward pass (BatchNorm then normalises over both views at once: a different method
-    detail, so a named choice, not adopted) and the target EMA as one foreach call instead of a loop
-    over parameters (the same numbers). The best of `repeats` timings of `epochs` epochs each."""
+    it, and four ways to go faster: both views through each network in one forward pass (BatchNorm
+    then normalises over both views at once: a different method detail), the target EMA as one
+    foreach call instead of a loop over parameters (the same numbers), bf16 autocast (other numbers;
+    fast only on CPUs with bf16 instructions) and torch.compile of each network (its compile time is
+    returned apart). The best of `repeats` timings of `epochs` epochs each, interleaved."""
     import copy
     torch.set_num_threads(1)
     args = common.parse_args(fedsc.Args, ["--local-epochs", str(epochs), "--out", os.path.join(ROOT, "runs", "speed.csv")])
@@ -130,25 +131,40 @@ def step_variants(n_genes, n_cells=1068, epochs=2, repeats=3):
         with torch.no_grad():
             torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - tau)
 
+    compiled = copy.deepcopy(model0)  # torch.compile: the same modules, compiled once (timed apart)
+    t0 = time.perf_counter()
+    for key in ("online", "predictor", "target"):
+        compiled[key] = torch.compile(compiled[key])
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     variants = {"as fedsc.local_update": {}, "both views in one forward pass": {"loss_fn": joint_loss},
-                "target EMA as one foreach call": {"ema_": foreach_ema}}
+                "target EMA as one foreach call": {"ema_": foreach_ema},
+                "bf16 autocast (forward and backward)": {"context": bf16},
+                "torch.compile of each network": {"model": compiled}}
     steps = epochs * (n_cells // args.batch_size)
     best = {name: float("inf") for name in variants}
-    fedsc.local_update(common.Client(0, x, copy.deepcopy(model0), torch.Generator().manual_seed(0)), 0.01, args)  # warm-up
+
+    def step(patch):
+        saved = {k: getattr(fedsc if k == "loss_fn" else common, k) for k in patch if k in ("loss_fn", "ema_")}
+        for k in saved:
+            setattr(fedsc if k == "loss_fn" else common, k, patch[k])
+        try:
+            client = common.Client(0, x, copy.deepcopy(patch.get("model", model0)), torch.Generator().manual_seed(0))
+            t0 = time.perf_counter()
+            with patch.get("context", contextlib.nullcontext)():
+                fedsc.local_update(client, 0.01, args)
+            return 1e3 * (time.perf_counter() - t0) / steps
+        finally:
+            for k, f in saved.items():
+                setattr(fedsc if k == "loss_fn" else common, k, f)
+
+    step(variants["torch.compile of each network"])  # compiles (a new process compiles again)
+    compile_s = time.perf_counter() - t0
+    for patch in variants.values():  # warm-up
+        step(patch)
     for _ in range(repeats):  # interleaved, so every variant sees the same machine
         for name, patch in variants.items():
-            saved = {k: getattr(fedsc if k == "loss_fn" else common, k) for k in patch}
-            for k, f in patch.items():
-                setattr(fedsc if k == "loss_fn" else common, k, f)
-            try:
-                client = common.Client(0, x, copy.deepcopy(model0), torch.Generator().manual_seed(0))
-                t0 = time.perf_counter()
-                fedsc.local_update(client, 0.01, args)
-                best[name] = min(best[name], 1e3 * (time.perf_counter() - t0) / steps)
-            finally:
-                for k, f in saved.items():
-                    setattr(fedsc if k == "loss_fn" else common, k, f)
-    return best
+            best[name] = min(best[name], step(patch))
+    return best, compile_s
 
 
 def main():
@@ -166,7 +182,7 @@ def main():
     flops = round_flops(args1, data)
     rate1, rate2 = gemm_rate(1), gemm_rate(2)
     layer = first_layer_variants(data.X.shape[1])
-    step = step_variants(data.X.shape[1])
+    step, compile_s = step_variants(data.X.shape[1])
     tuned = cli.tuned_recipe("FedSC") if os.path.exists(cli.RECIPES) else None
     from torch.profiler import profile, ProfilerActivity
     prof_args, _ = fedsc_setup(max(2, a.rounds // 4), 1)
@@ -174,6 +190,7 @@ def main():
         seconds_per_round(prof_args, data)
     events = prof.key_averages()
     mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL) / 1e6 / prof_args.rounds
+    draws = sum(e.self_cpu_time_total for e in events if e.key == "aten::uniform_") / 1e6 / prof_args.rounds
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     summary = [
@@ -189,9 +206,13 @@ def main():
         f"| GEMM bound per round, 1 / 2 threads | {flops / rate1 / 1e9:.3f} s / {flops / rate2 / 1e9:.3f} s |",
         f"| round time / bound, `--threads 1` / `--threads 2` | {one / (flops / rate1 / 1e9):.2f} / {two / (flops / rate2 / 1e9):.2f} |",
         f"| share of a one-thread round in matrix multiplies (profiled) | {100 * mm / one:.0f}% |",
+        f"| the masks' random draws (profiled `aten::uniform_`), per round / x the bound | {draws:.3f} s / {draws / (flops / rate1 / 1e9):.2f} |",
+        f"| floor for the same numbers (profiled matrix multiplies + random draws) / bound | {(mm + draws) / (flops / rate1 / 1e9):.2f} |",
     ] + [f"| first layer on a masked view (fwd + weight grad), {name} | {ms:.3f} ms |" for name, ms in layer.items()] + [
         f"| one local step (batch 128, one thread), {name} | {ms:.2f} ms ({ms / step['as fedsc.local_update']:.2f}x) |"
-        for name, ms in step.items()]
+        for name, ms in step.items()] + [
+        f"| torch.compile: compile time in a new process (before its first step) | {compile_s:.1f} s |",
+        f"| this CPU's vector instructions (torch); bf16 is fast only with AVX512-BF16 or AMX | {torch.backends.cpu.get_cpu_capability()} |"]
     if tuned:
         r, e = tuned["rounds"], tuned["local_epochs"]
         summary.append(f"| projected `--recipe tuned` run ({r} rounds x {e} local epochs), `--threads 1` / `--threads 2` | "
