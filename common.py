@@ -180,7 +180,7 @@ def federate(args, data, model, download, local_update, upload, aggregate):
         if args.anchor:
             sent = {**sent, "anchor": weights(c.model["anchor"])}
         if args.prototypes:  # equal-size centroids of its cells' projections, never the cells
-            sent = {**sent, "centroids": site_centroids(c, args.proto_local)}
+            sent = {**sent, "centroids": site_centroids(c, args.proto_local, args.mask_rate)}
         return (sent, n), entry
 
     # --threads N trains N clients at once (each client has its own RNG: same result as one by one)
@@ -273,13 +273,17 @@ def sinkhorn_kmeans(z, k, gen, iters=5):
     return c
 
 
+def teacher(model):
+    """The network whose assignments are the targets: the method's target or key encoder, else the online one."""
+    return model["target"] if "target" in model else model["key"] if "key" in model else model["online"]
+
+
 @torch.no_grad()
-def site_centroids(client, k):
-    """On a SITE: k equal-size centroids of its cells' unit projections g(f(x)) (eval mode, unmasked)."""
-    enc = client.model["online"]
-    enc.eval()
-    z = F.normalize(enc(client.x), dim=1)
-    enc.train()
+def site_centroids(client, k, mask_rate):
+    """On a SITE: k equal-size centroids of the unit projections of one masked view of all its cells,
+    by the teacher as training sees it (batch statistics; on a copy, so its running statistics stay)."""
+    view, _ = two_views(client.x, mask_rate, client.gen)
+    z = F.normalize(copy.deepcopy(teacher(client.model)).train()(view), dim=1)
     return sinkhorn_kmeans(z, k, client.gen)
 
 
@@ -292,10 +296,9 @@ def proto_loss(model, v1, v2, protos, t_student=0.1, t_teacher=0.05):
     """Swapped prediction over the shared prototypes: cross-entropy between one view's sharpened
     assignment by the teacher (the method's target or key encoder; the online one, detached, when it
     has none) and the other view's assignment by the online encoder, both ways."""
-    teacher = model["target"] if "target" in model else model["key"] if "key" in model else model["online"]
     assign = lambda net, v, t: F.normalize(net(v), dim=1) @ protos.T / t
     with torch.no_grad():
-        q1, q2 = (F.softmax(assign(teacher, v, t_teacher), dim=1) for v in (v1, v2))
+        q1, q2 = (F.softmax(assign(teacher(model), v, t_teacher), dim=1) for v in (v1, v2))
     ce = lambda q, v: -(q * F.log_softmax(assign(model["online"], v, t_student), dim=1)).sum(1).mean()
     return (ce(q1, v2) + ce(q2, v1)) / 2
 
