@@ -18,7 +18,7 @@ import threading
 def _interrupted_while_loading(signum, frame):
     """Ctrl-C while numpy, pandas and torch load, before user_errors() is in place: one line.
     (A KeyboardInterrupt raised inside torch's import would abort the process with a C++ message.)"""
-    print("interrupted", file=sys.stderr, flush=True)
+    print("interrupted: nothing saved", file=sys.stderr, flush=True)
     os._exit(130)
 
 

@@ -176,4 +176,4 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_ctrl_c_while_the_libraries_load_ends_with_one_line(script, module):
     p = subprocess.run([sys.executable, "-c", CTRL_C_AT_IMPORT, module, script, "--help"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    assert (p.returncode, p.stderr, p.stdout) == (130, "interrupted\n", "")
+    assert (p.returncode, p.stderr, p.stdout) == (130, "interrupted: nothing saved\n", "")
