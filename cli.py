@@ -9,10 +9,20 @@ come from here.
     check_data               checks that need the loaded cells (before any training)
     user_errors, Diverged    one `error:` line and exit 2; a diverged run exits 3; Ctrl-C exits 130
 """
+import argparse
+import ast
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
 import os
 import signal
 import sys
+import tempfile
 import threading
+import typing
 
 
 def _interrupted_while_loading(signum, frame):
@@ -24,17 +34,6 @@ def _interrupted_while_loading(signum, frame):
 
 MAIN_THREAD = threading.current_thread() is threading.main_thread()
 SIGINT_BEFORE = signal.signal(signal.SIGINT, _interrupted_while_loading) if MAIN_THREAD else None  # common.py puts it back
-
-import argparse  # noqa: E402 (the handler above first)
-import ast  # noqa: E402
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import hashlib  # noqa: E402
-import inspect  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import tempfile  # noqa: E402
-import typing  # noqa: E402
 
 import numpy as np  # noqa: E402
 from dataclasses import dataclass
@@ -129,14 +128,6 @@ class FedArgs(DataArgs):
     """pooled: preprocess all cells together before the split (the paper); federated: split the raw counts first, then preprocess from per-site statistics only (the same result)"""
     anchor: float = 0.0
     """weight of the PCA anchor (0 = off): a linear head on each cell's f(x) also regresses the cell's coordinates in the exact federated PCA-50 of all sites (sites send sums, fedpca.py), axes every site shares; the head is averaged like the encoder (docs/protocol.md#the-pca-anchor)"""
-    prototypes: float = 0.0
-    """weight of the shared prototypes (0 = off; Orchestra, Lubana et al. 2022): after each round every site sends --proto-local equal-size centroids of its cells' projections, the server clusters them into --proto-global prototypes, and the local loss asks each masked view to take its unmasked cell's assignment over all of them (docs/protocol.md#shared-prototypes)"""
-    proto_local: int = 8
-    """--prototypes: equal-size centroids each site sends per round (each the mean of at least cells / this many cells)"""
-    proto_global: int = 16
-    """--prototypes: prototypes the server makes of all sites' centroids (at most their number)"""
-    proto_warmup: int = 0
-    """--prototypes: rounds of the method's own loss before the prototypes join it"""
     evaluate: typing.Literal["pooled", "federated", "both"] = "pooled"
     """pooled: KMeans and metrics on every cell's embedding in one place (the paper); federated: each site embeds its own cells, KMeans and ARI/NMI/CH from per-site sums, silhouette simplified (centroid-based); cells on no client are not evaluated; both: pooled, plus the federated metrics as fed_* columns (a simulation's comparison)"""
 
@@ -288,10 +279,6 @@ def check_args(args):
         need(args.eval_every >= 0, f"--eval-every must be 0 (off) or more, got {args.eval_every}")
         need(0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}")
         need(args.anchor >= 0, f"--anchor must be 0 (off) or positive, got {args.anchor}")
-        need(args.prototypes >= 0, f"--prototypes must be 0 (off) or positive, got {args.prototypes}")
-        need(args.proto_local >= 1 and args.proto_global >= 1,
-             f"--proto-local and --proto-global must be at least 1, got {args.proto_local} and {args.proto_global}")
-        need(args.proto_warmup >= 0, f"--proto-warmup must be 0 or more rounds, got {args.proto_warmup}")
         need(args.weight_decay >= 0, f"--weight-decay must be 0 or more, got {args.weight_decay}")
     check_out(args.out)
 

@@ -168,19 +168,14 @@ def federate(args, data, model, download, local_update, upload, aggregate):
     # SERVER SIDE: the global weights; round 0 broadcasts the seeded initial model
     global_state = {key: weights(module) for key, module in model.items()}
 
-    protos = None  # --prototypes: the server's shared prototypes (none before the sites' first centroids)
-
     def on_client(c, lr):  # ---- on client c: its cells and local state never leave it ---------
         if args.anchor:  # the anchor head goes and comes back as is (plain FedAvg), for every method
             c.model["anchor"].load_state_dict(global_state["anchor"])
-        c.state["protos"] = protos
         entry = download(c, global_state, args)
         entry.update(local_update(c, lr, args))
         sent, n = upload(c)
         if args.anchor:
             sent = {**sent, "anchor": weights(c.model["anchor"])}
-        if args.prototypes:  # equal-size centroids of its cells' projections, never the cells
-            sent = {**sent, "centroids": site_centroids(c, args.proto_local, args.mask_rate)}
         return (sent, n), entry
 
     # --threads N trains N clients at once (each client has its own RNG: same result as one by one)
@@ -193,8 +188,6 @@ def federate(args, data, model, download, local_update, upload, aggregate):
         global_state = aggregate(uploads)  # ---- on the server: only weights and counts arrive --
         if args.anchor:
             global_state["anchor"] = fedavg([sent["anchor"] for sent, _ in uploads], [n for _, n in uploads])
-        if args.prototypes and rnd + 1 >= args.proto_warmup:
-            protos = server_prototypes([sent["centroids"] for sent, _ in uploads], args.proto_global, args.seed + rnd)
         log += [{"round": rnd + 1, "client": c.cid, "lr": lr, **e} for c, e in zip(clients, logs)]
         loss = float(np.mean([e["loss"] for e in logs]))
         if not math.isfinite(loss):  # a result, not an input error: the row records it
@@ -246,61 +239,6 @@ def anchor_loss(model, x, target):
     scaled PCA coordinates (1 for a head that predicts 0)."""
     h = F.normalize(model["online"].f(x), dim=1)
     return ((model["anchor"](h) - target) ** 2).sum(1).mean()
-
-
-# ---------------------------------------------------------------------------------------------
-# --prototypes: cluster centres every site shares (Orchestra, Lubana et al. ICML 2022). Each site
-# sends equal-size centroids of its cells' unit projections; the server clusters all of them into
-# global prototypes; a site's local loss then asks each masked view to take the other view's
-# assignment over every prototype, so types held by other sites act as its negatives.
-# ---------------------------------------------------------------------------------------------
-def sinkhorn(scores, iters=10, sharpness=25.0):
-    """Soft assignments of rows to columns with (nearly) equal column sums (Sinkhorn-Knopp)."""
-    q = torch.softmax(scores * sharpness, dim=1)
-    for _ in range(iters):
-        q = q / q.sum(0, keepdim=True)
-        q = q / q.sum(1, keepdim=True)
-    return q
-
-
-def sinkhorn_kmeans(z, k, gen, iters=5):
-    """Spherical k-means of the unit rows z into k unit centroids of about equal size (Orchestra's
-    local clustering): every centroid is the mean of about len(z) / k rows."""
-    c = z[torch.randperm(len(z), generator=gen)[:min(k, len(z))]]
-    for _ in range(iters):
-        a = sinkhorn(z @ c.T).argmax(1)
-        c = torch.stack([F.normalize(z[a == j].mean(0), dim=0) if (a == j).any() else c[j] for j in range(len(c))])
-    return c
-
-
-def teacher(model):
-    """The network whose assignments are the targets: the method's target or key encoder, else the online one."""
-    return model["target"] if "target" in model else model["key"] if "key" in model else model["online"]
-
-
-@torch.no_grad()
-def site_centroids(client, k, mask_rate):
-    """On a SITE: k equal-size centroids of the unit projections of one masked view of all its cells,
-    by the teacher as training sees it (batch statistics; on a copy, so its running statistics stay)."""
-    view, _ = two_views(client.x, mask_rate, client.gen)
-    z = F.normalize(copy.deepcopy(teacher(client.model)).train()(view), dim=1)
-    return sinkhorn_kmeans(z, k, client.gen)
-
-
-def server_prototypes(centroids, k, seed):
-    """On the SERVER: the sites' centroids clustered into k shared prototypes."""
-    return sinkhorn_kmeans(torch.cat(centroids), k, torch.Generator().manual_seed(seed))
-
-
-def proto_loss(model, v1, v2, protos, t_student=0.1, t_teacher=0.05):
-    """Swapped prediction over the shared prototypes: cross-entropy between one view's sharpened
-    assignment by the teacher (the method's target or key encoder; the online one, detached, when it
-    has none) and the other view's assignment by the online encoder, both ways."""
-    assign = lambda net, v, t: F.normalize(net(v), dim=1) @ protos.T / t
-    with torch.no_grad():
-        q1, q2 = (F.softmax(assign(teacher(model), v, t_teacher), dim=1) for v in (v1, v2))
-    ce = lambda q, v: -(q * F.log_softmax(assign(model["online"], v, t_student), dim=1)).sum(1).mean()
-    return (ce(q1, v2) + ce(q2, v1)) / 2
 
 
 # ---------------------------------------------------------------------------------------------

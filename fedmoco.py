@@ -102,8 +102,6 @@ def local_update(client, lr, args):
             loss, keys = loss_fn(model, v1, v2, client.state["queue"].clone(), args)
             if args.anchor:  # --anchor: each cell also regresses its federated-PCA coordinates (common.py)
                 loss = loss + args.anchor * common.anchor_loss(model, x, client.state["anchor"][idx])
-            if client.state.get("protos") is not None:  # --prototypes: shared cluster centres (common.py)
-                loss = loss + args.prototypes * common.proto_loss(model, v1, v2, client.state["protos"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -269,8 +269,6 @@ def test_server_receives_no_array_with_a_row_per_cell(tmp_path, monkeypatch):
     spy(federated, "site_assign", send=lambda out: out[1])  # the labels stay on the site
     SITE.add("site_sums")  # --anchor: the federated PCA's sums (fedpca.py)
     spy(importlib.import_module("fedpca"), "site_sums")
-    SITE.add("site_centroids")  # --prototypes: equal-size centroids of the site's projections
-    spy(common, "site_centroids")
     ask = federated.LocalSites.ask
     def spied_ask(self, action, **payload):  # and every reply of every site to every question of the server
         replies = ask(self, action, **payload)
@@ -278,11 +276,11 @@ def test_server_receives_no_array_with_a_row_per_cell(tmp_path, monkeypatch):
         return replies
     monkeypatch.setattr(federated.LocalSites, "ask", spied_ask)
     upload = lambda client: (lambda out: (check("upload", out), out)[1])(fedsc.upload(client))
-    keys = set()  # what reaches the server: fedsc's UPLOAD and, with --anchor, the head, with --prototypes, centroids
+    keys = set()  # the modules that reach the server: fedsc's UPLOAD and, with --anchor, the head
     aggregate = lambda uploads: (check("aggregate args", uploads), keys.update(uploads[0][0]), fedsc.aggregate(uploads))[2]
 
     args = parse("fedsc", ["--sites", a, b, "--evaluate", "federated", "--bn-stats", "recompute",
-                           "--anchor", "1", "--prototypes", "1", "--out", str(tmp_path / "r.csv")] + TINY)
+                           "--anchor", "1", "--out", str(tmp_path / "r.csv")] + TINY)
     data = common.setup(args)
     model = fedsc.make_model(data.X.shape[1], args)
     log = common.federate(args, data, model, fedsc.download, fedsc.local_update, upload, aggregate)
@@ -291,9 +289,9 @@ def test_server_receives_no_array_with_a_row_per_cell(tmp_path, monkeypatch):
     for where in ("replies", "site_moments output", "merge_moments args", "site_count output", "upload", "aggregate args",
                   "site_assign output", "site_contingency output", "scores_from_contingency args",
                   "site_scatter output", "merge_scatter args", "site_bn_moments output", "merge_bn_moments args",
-                  "site_sums output", "site_centroids output"):
+                  "site_sums output"):
         assert where in seen, f"the spy on {where} saw nothing"
-    assert keys == {"online", "predictor", "anchor", "centroids"}
+    assert keys == {"online", "predictor", "anchor"}
     # and the check bites: a site's labels (one per cell) would be caught
     h = np.random.default_rng(0).normal(size=(70, 5))
     with pytest.raises(AssertionError, match="shape"):
