@@ -127,9 +127,12 @@ GROUPS = {"paper": ["table1", "table2", "table3", "fig3"]}
 # one-client SimCLR) on the three datasets; its runs are Table 1's, so either CSV serves both.
 FED_EXACT = [("FedPCA-50 (exact, federated)", "fedpca.py", [])]  # no SGD: PCA from the sites' moments
 CLASS_REFS = FED_EXACT + [c for c in CENTRAL if c[1] == "centralized.py"]
+# ... and the study's mechanism on FedSC and its baseline FedBYOL (the anchor experiment's runs)
+CLASS_MECH = [(f"{label} + {name}", script, extra + mech) for label, script, extra in FED
+              if label in ("FedBYOL", "FedSC") for name, mech in MECHANISMS]
 # An experiment whose runs may already have a row in another experiment's CSV: such a run is reused,
 # not run again, and its table reads both CSVs.
-SHARED_ROWS = {"split": ["table1", "class"], "class": ["table1"], "table1": ["class"], "anchor": ["class", "table1"]}
+SHARED_ROWS = {"split": ["table1", "class"], "class": ["table1", "anchor"], "table1": ["class"], "anchor": ["class", "table1"]}
 # Runs an experiment's table may show as pending: Table 1's paper-recipe rows, the one-client SimCLR
 # row included (300 rounds each, about 12 CPU-hours in all), are published as "pending" until their
 # seeds are all in, once every tuned and centralized row is complete. Any other missing run keeps a
@@ -210,7 +213,7 @@ def plan(experiment, seeds):
     elif experiment == "class":
         for ds in T1_DATASETS:
             runs += [((label, "tuned", ds), script, ["--data", ds, "--recipe", "tuned"] + extra, s)
-                     for label, script, extra in FED for s in seeds]
+                     for label, script, extra in FED + CLASS_MECH for s in seeds]
             runs += [((label, "", ds), script, ["--data", ds] + extra, s) for label, script, extra in CLASS_REFS for s in seeds]
     elif experiment == "split":
         for ds in T1_DATASETS:
@@ -466,7 +469,7 @@ def recipe_text(script, argv):
     changed = "".join(f", {k} {getattr(a, k)}" for k in ("predictor", "temperature")
                       if hasattr(a, k) and getattr(a, k) != getattr(p, k))
     return (f"lr {a.lr:g}, {a.rounds} x {a.local_epochs}" + (", BN recomputed" if getattr(a, "bn_stats", "") == "recompute" else "")
-            + changed)
+            + changed + (f", --anchor {a.anchor:g}" if getattr(a, "anchor", 0) else ""))
 
 
 def table1(df, seeds, overrides, missing):
@@ -604,7 +607,7 @@ def class_table(df, seeds, overrides, missing):
     """One row per method (tuned recipe) and reference: ARI, mean ± std over the seeds, per dataset."""
     out = ["| method | recipe |" + "".join(f" {SHORT[ds]} ARI |" for ds in T1_DATASETS) + " s/run |",
            "|" + "---|" * (3 + len(T1_DATASETS))]
-    for label, script, extra in [(l, s, e + ["--recipe", "tuned"]) for l, s, e in FED] + CLASS_REFS:
+    for label, script, extra in [(l, s, e + ["--recipe", "tuned"]) for l, s, e in FED + CLASS_MECH] + CLASS_REFS:
         rr = [rows_for(df, script, ["--data", ds] + extra, seeds, overrides, missing) for ds in T1_DATASETS]
         recipe = recipe_text(script, ["--data", DATASETS[0]] + extra) if "tuned" in extra else "–"
         out.append(f"| {label} | {recipe} |" + "".join(f" {cell(r, 'ari')} |" for r in rr)
