@@ -26,14 +26,16 @@ import typing
 
 
 def _interrupted_while_loading(signum, frame):
-    """Ctrl-C while numpy, pandas and torch load, before user_errors() is in place: one line.
+    """Ctrl-C or SIGTERM while numpy, pandas and torch load, before user_errors() is in place: one line.
     (A KeyboardInterrupt raised inside torch's import would abort the process with a C++ message.)"""
     print("interrupted: nothing saved", file=sys.stderr, flush=True)
     os._exit(130)
 
 
 MAIN_THREAD = threading.current_thread() is threading.main_thread()
-SIGINT_BEFORE = signal.signal(signal.SIGINT, _interrupted_while_loading) if MAIN_THREAD else None  # common.py puts it back
+SIGINT_BEFORE, SIGTERM_BEFORE = ((signal.signal(signal.SIGINT, _interrupted_while_loading),
+                                  signal.signal(signal.SIGTERM, _interrupted_while_loading)) if MAIN_THREAD
+                                 else (None, None))  # common.py puts them back once torch is loaded
 
 import numpy as np  # noqa: E402
 from dataclasses import dataclass
@@ -365,7 +367,11 @@ def check_data(args, data):
     n, k = len(data.X), data.n_clusters
     check(k >= 2, f"the data have a single cell type ('{data.label_names[0] if data.label_names is not None else '?'}'): "
                   f"one cluster says nothing (ARI would be 100); give data with several types or --n-clusters K")
-    check(k <= n, f"--n-clusters {k} is more than the {n} cells")
+    check(k < n, f"--n-clusters {k}: clustering needs fewer clusters than the {n} cells")
+    if data.y is not None:  # a cell type is shared by cells; a count or a barcode is not
+        alone = int((np.bincount(data.y) == 1).sum())
+        check(alone <= n / 2, f"{alone} of the {n} cells have a label that no other cell has: these labels look like "
+                              f"a per-cell value (a count, a barcode), not cell types; choose another --label-key or --labels")
     queue = getattr(args, "queue_size", None)
     most = max(n, type(args).__dataclass_fields__["queue_size"].default) if queue else 0
     check(not queue or queue <= most, f"--queue-size {queue} is far above the {n} cells: a client's queue would hold "

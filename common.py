@@ -35,8 +35,9 @@ import data as D
 import runs
 import federated
 from cli import DataArgs, Diverged, FedArgs, check, parse_args, user_errors  # noqa: F401 (the command line: cli.py)
-if cli.MAIN_THREAD:  # torch is loaded: Python's own Ctrl-C handling again (user_errors() turns it into one line)
+if cli.MAIN_THREAD:  # torch is loaded: the handlers from before again (user_errors() makes a signal one line)
     signal.signal(signal.SIGINT, cli.SIGINT_BEFORE or signal.default_int_handler)
+    signal.signal(signal.SIGTERM, cli.SIGTERM_BEFORE or signal.SIG_DFL)
 
 EMBED_DIM = 60    # backbone output f(x): what KMeans clusters (contrastive-sc's [200, 40, 60])
 PROJ_DIM = 128    # head output g(f(x)) that the losses compare (the paper's 128-d predictor)
@@ -323,6 +324,9 @@ def setup(args):
         types = "" if data.y is None else f"  types {sorted(set(data.y[idx].tolist()))}"
         print(f"client {k}: {len(idx)} cells{types}", flush=True)
     unused = len(data.X) - len(np.unique(np.concatenate(data.parts)))
+    if unused and args.evaluate != "pooled":  # federated metrics cluster only the sites' cells
+        cli.check(len(data.X) - unused > data.n_clusters, f"{len(data.X) - unused} cells are on clients for "
+                  f"{data.n_clusters} clusters: federated evaluation clusters only them; use fewer --n-clusters")
     if unused:
         print(f"{unused} cells belong to no client (not trained on; still evaluated)", flush=True)
     return data

@@ -27,6 +27,9 @@ import numpy as np
 import scipy.sparse as sp
 
 
+MISSING_LABELS = ("", "na", "nan", "none", "null")  # a label written so (any case) is no label
+
+
 class DataError(Exception):
     """A problem with the user's input: printed as one line, no traceback."""
 
@@ -63,7 +66,7 @@ def read_counts(path, label_key=None, labels=None, transpose=False, layer=None, 
             raise DataError(f"'{path}' is neither HDF5 (.h5/.h5ad) nor a .csv/.tsv/.txt table")
     formats.check_orientation(names, path, transpose)
     if labels:  # one per cell; the header rule is formats.read_labels'
-        y = formats.read_labels(labels, X.shape, transpose)
+        y = formats.read_labels(labels, X.shape, transpose, names.get("barcodes"))
     formats.check_names(X, y, names, path)
     return check_counts(X, y, path) + (used,)
 
@@ -91,8 +94,10 @@ def check_counts(X, y, what="data"):
         if len(y) != X.shape[0]:
             raise DataError(f"{what}: {len(y)} labels for {X.shape[0]} cells; they must match "
                             f"(cells are rows; use --transpose if genes are rows)")
-        if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in y.tolist()):
-            raise DataError(f"{what}: some labels are missing (NaN/None)")
+        gone = [v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and v.strip().lower() in MISSING_LABELS)
+                for v in y.tolist()]
+        if any(gone):
+            raise DataError(f"{what}: {sum(gone)} labels are missing (NaN, None, empty or 'nan'); every cell needs one")
         names, y = np.unique(y.astype(str) if y.dtype.kind in "OUS" else y, return_inverse=True)
         names, y = names.astype(str), y.astype(np.int64)
     return X, y, names

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import scipy.sparse as sp
 
-from data import DataError
+from data import MISSING_LABELS, DataError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,8 +34,13 @@ def _h5_matrix(node):
 
 
 def _decode(a):
+    """HDF5 text (bytes) as str, read as UTF-8: numpy's own conversion knows ASCII only."""
     a = np.asarray(a)
-    return a.astype(str) if a.dtype.kind in "SO" else a
+    if a.dtype.kind == "S":
+        return np.char.decode(a, "utf-8")
+    if a.dtype.kind == "O":
+        return np.array([x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in a.ravel()]).reshape(a.shape)
+    return a
 
 
 def _h5ad_values(node):
@@ -296,29 +301,41 @@ HEADER_WORDS = {"label", "labels", "celltype", "celltypes", "cellclass", "type",
                 "annotation", "identity", "ident", "group", "x", "y"}  # column names, lower case, letters only
 
 
-def read_labels(path, shape=None, transpose=False):
-    """One label per line; with several columns (comma or tab) the last is used. The first line is
-    a header, not a label, only when --labels-header declares it (a Labels path) or when it obviously
-    is not a label of this data: a column name (label, cell_type, cluster, x, ...) or text above
-    integer codes, found nowhere else in the file. Blank lines at the end are ignored; a blank or NA
-    line elsewhere is a missing label. With shape (cells, genes): exactly one label per cell."""
+def read_labels(path, shape=None, transpose=False, barcodes=None):
+    """One label per line, or two columns (comma or tab, quotes respected): cell name, label. With
+    two columns whose names are the data's cell names, each cell gets its own line's label whatever
+    the order; names that match none of the cells are taken as an index, in file order. More
+    columns are refused (which one is the label?). The first line is a header, not a label, only
+    when --labels-header declares it (a Labels path) or when it obviously is not a label of this
+    data: a column name (label, cell_type, cluster, x, ...) or text above integer codes, found
+    nowhere else in the file. Blank lines at the end are ignored; a blank or NA line elsewhere is a
+    missing label. With shape (cells, genes): exactly one label per cell."""
+    import csv
     try:
-        with open(path, encoding="utf-8-sig") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             lines = [l.rstrip("\r\n") for l in f]
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read labels file '{path}' ({e})") from None
     while lines and not lines[-1].strip():
         lines.pop()
-    values = [l.replace("\t", ",").split(",")[-1].strip().strip('"') for l in lines]
+    rows = list(csv.reader(lines, delimiter="\t" if lines and "\t" in lines[0] else ","))
+    width = {len(r) for r in rows[1:] if r} or {len(r) for r in rows[:1]}  # a first line (header) may have 2
+    if width - {1, 2} or len(width) > 1 or rows and len(rows[0]) > 2:
+        raise DataError(f"labels file '{path}': lines of {' and '.join(map(str, sorted(width | {len(rows[0])})))} "
+                        f"columns; give one label per line, or two columns: cell name, label")
+    values = [r[-1].strip() if r else "" for r in rows]
     code = re.compile(r"-?\d+$")
     header = getattr(path, "header", False) or (len(values) > 1 and values[0] not in values[1:] and (
         re.sub(r"[^a-z]", "", values[0].lower()) in HEADER_WORDS
         or not re.match(r"-?[\d.]+(e-?\d+)?$", values[0]) and all(code.match(v) for v in values[1:])))
     labels = np.array(values[1:] if header else values)
-    missing = [k + 1 + header for k, v in enumerate(labels) if v.lower() in ("", "na", "nan", "none", "null")]
+    missing = [k + 1 + header for k, v in enumerate(labels) if v.lower() in MISSING_LABELS]
     if missing:
         raise DataError(f"labels file '{path}': line {missing[0]} has no label ({len(missing)} such line(s)); "
                         f"every cell needs one")
+    ids = [r[0].strip() for r in rows[header:]] if width == {2} else []
+    if ids and barcodes is not None and set(ids) & set(map(str, barcodes)):
+        return _labels_by_name(path, ids, labels, [str(b) for b in barcodes])
     if shape is None or len(labels) == shape[0]:
         return labels
     n = shape[0]
@@ -332,6 +349,19 @@ def read_labels(path, shape=None, transpose=False):
     else:
         hint = "they must match, one label per cell in the order of the cells"
     raise DataError(f"labels file '{path}': {len(labels)} labels for {n} cells; {hint}")
+
+
+def _labels_by_name(path, ids, labels, cells):
+    """Each cell's label from the line that names it (a cell with no line, or two, is an error)."""
+    if len(set(ids)) < len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"labels file '{path}': cell '{dup}' has more than one line")
+    by_name = dict(zip(ids, labels))
+    absent = [c for c in cells if c not in by_name]
+    if absent:
+        raise DataError(f"labels file '{path}': {len(absent)} of the {len(cells)} cells have no line (e.g. "
+                        f"'{absent[0]}'); its first column names cells, so every cell needs its line")
+    return np.array([by_name[c] for c in cells])
 
 
 def read_column(path, key):

@@ -26,7 +26,7 @@ def _bad_files(tmp):
     X, y = D.synthetic_counts(n_cells=50, n_genes=40, n_types=4, seed=0)
     f = {"neg": write_h5(tmp / "neg.h5", -X, y), "nan": write_h5(tmp / "nan.h5", np.where(X > 3, np.nan, X), y),
          "short": write_h5(tmp / "short.h5", X, y[:-5]), "ok": write_h5(tmp / "ok.h5", X, y),
-         "tiny": write_h5(tmp / "tiny.h5", X[:3], y[:3]), "lognorm": write_h5(tmp / "lognorm.h5", np.log1p(X), y)}
+         "tiny": write_h5(tmp / "tiny.h5", X[:3], np.array([0, 0, 1])), "lognorm": write_h5(tmp / "lognorm.h5", np.log1p(X), y)}
     with h5py.File(tmp / "nocounts.h5", "w") as h:
         h["Y"] = y
     f["nocounts"] = str(tmp / "nocounts.h5")

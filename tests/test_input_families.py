@@ -95,6 +95,35 @@ def test_labels_header_only_when_declared_or_obvious(tmp_path):
     assert parse("fedsc", ["--labels", "l.txt", "--labels-header"], tmp_path).labels_header
 
 
+def test_labels_files_with_cell_names_quotes_or_many_columns(tmp_path):
+    """Two columns are cell name, label: matched by name, in any order; quotes keep a comma in a
+    label; a third column is refused (never the last one taken as the label)."""
+    path, X, y = synth(tmp_path)
+    cells = [f"c{i}" for i in range(60)]
+    pd.DataFrame(X, index=cells, columns=[f"g{j}" for j in range(40)]).to_csv(tmp_path / "t.csv")
+    table, names = str(tmp_path / "t.csv"), np.array(["CD4 T, naive", "CD8 T, naive", "NK"])
+    rev = pd.DataFrame({"barcode": cells, "cell_type": names[y]}).iloc[::-1]
+    rev.to_csv(tmp_path / "rev.csv", index=False)  # reversed order, quoted commas
+    codes, found = D.read_counts(table, labels=str(tmp_path / "rev.csv"))[1:3]
+    assert list(found) == list(names) and np.array_equal(found[codes], names[y])
+    rev.iloc[1:].to_csv(tmp_path / "short.csv", index=False)
+    with pytest.raises(D.DataError, match="1 of the 60 cells have no line"):
+        D.read_counts(table, labels=str(tmp_path / "short.csv"))
+    rev.assign(n_genes=7).to_csv(tmp_path / "meta.csv", index=False)
+    with pytest.raises(D.DataError, match="lines of 3 columns"):
+        D.read_counts(table, labels=str(tmp_path / "meta.csv"))
+
+
+def test_labels_that_are_a_per_cell_value_or_too_many_clusters(tmp_path):
+    path, X, y = synth(tmp_path)
+    per_cell = formats.write_h5(str(tmp_path / "pc.h5"), X, Y=np.arange(60) % 50)  # like a count column
+    refused("40 of the 60 cells have a label that no other cell has", "fedsc", ["--data", per_cell], tmp_path)
+    refused("--n-clusters 60: clustering needs fewer clusters than the 60 cells", "fedsc",
+            ["--data", path, "--n-clusters", "60"], tmp_path)
+    refused("federated evaluation clusters only them", "fedsc", ["--data", path, "--clients", "2", "--types-per-client", "1",
+            "--evaluate", "federated", "--n-clusters", "50"], tmp_path)
+
+
 def test_names_and_labels_must_fit_the_matrix(tmp_path):
     path, X, y = synth(tmp_path, gene_names=[f"g{j}" for j in range(39)])
     with pytest.raises(D.DataError, match="39 gene names for 40 genes; they must match"):
@@ -136,7 +165,10 @@ def test_h5ad_nullable_and_categorical_obs_columns(tmp_path):
     obs = pd.DataFrame({"i": pd.array(y, dtype="Int64"), "b": pd.array(y > 1, dtype="boolean"),
                         "s": pd.Categorical(pd.array(np.array(list("abcd"))[y], dtype="string")),
                         "gap": pd.array(np.where(np.arange(40) == 7, None, y), dtype="Int64"),
-                        "nancat": pd.Categorical(np.where(np.arange(40) == 3, None, np.array(list("abcd"))[y]))},
+                        "nancat": pd.Categorical(np.where(np.arange(40) == 3, None, np.array(list("abcd"))[y])),
+                        "empty": np.where(np.arange(40) == 5, "", np.array(list("abcd"))[y]),
+                        "nanstr": np.where(np.arange(40) == 6, "NaN", np.array(list("abcd"))[y]),
+                        "utf8": np.array(["T γδ", "Zelle ä", "b", "c"])[y]},
                        index=[f"c{i}" for i in range(40)])
     with anndata.settings.override(allow_write_nullable_strings=True):
         anndata.AnnData(sp.csr_matrix(X), obs=obs).write_h5ad(tmp_path / "n.h5ad")
@@ -144,9 +176,16 @@ def test_h5ad_nullable_and_categorical_obs_columns(tmp_path):
     for key in ("i", "s"):
         assert np.array_equal(D.read_counts(path, label_key=key)[1], np.unique(y, return_inverse=True)[1])
     assert np.array_equal(D.read_counts(path, label_key="b")[1], (y > 1).astype(int))
-    for key in ("gap", "nancat"):
-        with pytest.raises(D.DataError, match="some labels are missing"):
+    for key in ("gap", "nancat", "empty", "nanstr"):  # missing however it is written, as in a labels file
+        with pytest.raises(D.DataError, match="labels are missing"):
             D.read_counts(path, label_key=key)
+    codes, names = D.read_counts(path, label_key="utf8")[1:3]  # text beyond ASCII is read as UTF-8
+    assert np.array_equal(names[codes], np.array(["T γδ", "Zelle ä", "b", "c"])[y])
+    site = formats.write_h5(str(tmp_path / "té.h5"), X, Y=np.array(["Té", "b", "c", "d"])[y],
+                            gene_names=[f"Gène{j}" for j in range(20)], cell_names=[f"c{i}" for i in range(40)])
+    found = {}
+    codes, names = D.read_counts(site, names=found)[1:3]
+    assert list(names) == ["Té", "b", "c", "d"] and found["genes"][0] == "Gène0"
 
 
 def _tenx(tmp, X):

@@ -156,14 +156,14 @@ def test_two_runs_appending_to_one_out_both_land(tmp_path):
     assert len(rows) == 2 and sorted(rows) == folders and hidden == []
 
 
-# A child that sends itself SIGINT the moment a script first imports `module`: a Ctrl-C that lands
+# A child that sends itself a signal the moment a script first imports `module`: a Ctrl-C that lands
 # while numpy or torch load, every time, without guessing how long loading takes.
 CTRL_C_AT_IMPORT = """
 import builtins, os, runpy, signal, sys
-module, real = sys.argv.pop(1), builtins.__import__
+module, sig, real = sys.argv.pop(1), int(sys.argv.pop(1)), builtins.__import__
 def hook(name, *a, **k):
     if name == module and name not in sys.modules:
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), sig)
     return real(name, *a, **k)
 builtins.__import__ = hook
 sys.argv.pop(0)
@@ -171,9 +171,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("script,module", [("fedsc.py", "torch"), ("fedpca.py", "numpy"),
-                                           ("centralized.py", "torch"), ("split.py", "numpy")])
-def test_ctrl_c_while_the_libraries_load_ends_with_one_line(script, module):
-    p = subprocess.run([sys.executable, "-c", CTRL_C_AT_IMPORT, module, script, "--help"], cwd=ROOT,
+@pytest.mark.parametrize("script,module,sig", [("fedsc.py", "torch", signal.SIGINT), ("fedpca.py", "numpy", signal.SIGINT),
+                                               ("centralized.py", "torch", signal.SIGTERM), ("split.py", "numpy", signal.SIGTERM)])
+def test_a_signal_while_the_libraries_load_ends_with_one_line(script, module, sig):
+    p = subprocess.run([sys.executable, "-c", CTRL_C_AT_IMPORT, module, str(int(sig)), script, "--help"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert (p.returncode, p.stderr, p.stdout) == (130, "interrupted: nothing saved\n", "")
