@@ -183,6 +183,9 @@ def parse_args(cls, argv=None):
     """The dataclass from the command line. With --recipe tuned, the method's tuned values from
     recipes.json replace the defaults of the options they name, unless given explicitly. Options
     that --sites makes meaningless are refused when given with it."""
+    given_twice = [a for a in (sys.argv[1:] if argv is None else argv) if a.split("=")[0] == "--sites"][1:]
+    check(not given_twice, "--sites is given twice: the second list would silently replace the first; "
+                           "give every site file after one --sites")
     args = cls(**vars(_parser(cls).parse_args(argv)))
     args.method = args.method  # a derived field: an attribute of the instance, so rows record it
     given = vars(_parser(cls, with_defaults=False).parse_args(argv))
@@ -290,6 +293,9 @@ def check_out(out):
     a new or empty file, in a folder we can write to, beside a run folder (runs/) we can create."""
     if not os.path.basename(out):
         raise D.DataError(f"--out '{out}' names no file; give a CSV file path such as runs/results.csv")
+    if len(os.fsencode(os.path.basename(out) + ".lock")) > 255:  # its lock file's name must fit too
+        raise D.DataError(f"--out: the file name is too long ({len(os.fsencode(os.path.basename(out)))} bytes); "
+                          f"give a name of at most 250 bytes")
     if os.path.isdir(out):
         raise D.DataError(f"--out '{out}' is a directory; give a CSV file path, e.g. {os.path.join(out, 'results.csv')}")
     if os.path.lexists(out) and not os.path.isfile(out):

@@ -179,7 +179,7 @@ def run_folder(args, staged=False):
     .<name>.partial, to be renamed <name> once whole."""
     import re
     data_name = "sites" if getattr(args, "sites", None) else os.path.basename(str(args.data)).split('.')[0]
-    name = f"{data_name}__{args.method}__s{args.seed}"
+    name = f"{data_name[:80]}__{args.method}__s{args.seed}"  # a folder name stays far below 255 bytes
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
     runs = runs_dir(args.out)
     os.makedirs(runs, exist_ok=True)

@@ -63,7 +63,10 @@ def split(a):
     X = sp.csr_matrix(X)
     genes = found.get("genes", np.array([f"gene{i}" for i in range(X.shape[1])]))
     cells = found.get("barcodes", np.array([f"cell{i}" for i in range(X.shape[0])]))
-    os.makedirs(a.out, exist_ok=True)
+    try:
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as e:
+        raise D.DataError(f"cannot create the --out folder '{a.out}' ({e.strerror})") from None
     written = []
     try:
         for name, idx in groups.items():

@@ -65,7 +65,12 @@ def test_out_is_checked_whole_before_training(tmp_path):
     (tmp_path / "e" / "r.csv.lock").mkdir()
     with pytest.raises(D.DataError, match="its lock file .* is not a file"):
         cli.check_out(str(tmp_path / "e" / "r.csv"))
+    with pytest.raises(D.DataError, match="the file name is too long"):  # 251 bytes: the .lock name would not fit
+        cli.check_out(str(tmp_path / ("r" * 247 + ".csv")))
+    cli.check_out(str(tmp_path / ("r" * 246 + ".csv")))
     assert not os.path.exists(tmp_path / "runs")  # checking creates no run folder
+    long_data = argparse.Namespace(data="x" * 240 + ".h5", sites=None, method="FedSC", seed=0, out=str(out))
+    assert len(os.path.basename(runs.run_folder(long_data, staged=True))) < 150  # a long data name: a short folder name
 
 
 # --------------------------------------------------------------------------------------------- labels files
@@ -259,6 +264,8 @@ def test_sites_refuse_what_they_would_ignore_twice_given_files_and_duplicate_gen
     os.symlink(a, tmp_path / "link.h5")
     refused(r"site 1 \('.*link.h5'\) is the same file as site 0", "fedsc", ["--sites", a, str(tmp_path / "link.h5")], tmp_path)
     refused(r"site 1 \('.*b.h5'\) names 1 genes twice \(e.g. 'g0'\)", "fedsc", ["--sites", a, b], tmp_path)
+    with pytest.raises(D.DataError, match="--sites is given twice"):
+        parse("fedsc", ["--sites", a, "--sites", b], tmp_path)
 
 
 # --------------------------------------------------------------------------------------------- split.py
@@ -270,6 +277,7 @@ def test_split_checks_its_input_and_says_what_partition_leaves_out(tmp_path, cap
     (tmp_path / "file").write_text("")
     for bad, expect in ((("clients", 0), "--clients must be at least 1"), (("seed", -1), "--seed must be in"),
                         (("out", str(tmp_path / "file")), "exists and is not a folder"),
+                        (("out", str(tmp_path / "file" / "sites")), "cannot create the --out folder"),
                         (("data", str(tmp_path / "t.csv"), "by", "batch"), "not an HDF5 file"),
                         (("by", "batch"), "no dataset 'batch'")):
         with pytest.raises(D.DataError, match=expect):
