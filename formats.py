@@ -86,7 +86,11 @@ def read_10x_h5(f, path, names):
     """Cell Ranger HDF5 (filtered_feature_bc_matrix.h5): v3 /matrix with features/, v2 /<genome>
     with genes/gene_names; genes x cells CSC, returned as cells x genes (gene expression only)."""
     import h5py
-    g = f["matrix"] if "matrix" in f else f[next(k for k in f.keys() if isinstance(f[k], h5py.Group) and "barcodes" in f[k])]
+    genomes = [k for k in f.keys() if isinstance(f[k], h5py.Group) and "barcodes" in f[k]]
+    if "matrix" not in f and len(genomes) > 1:  # Cell Ranger v2 of a mixed-species sample: one group per genome
+        raise DataError(f"'{path}' holds {len(genomes)} genomes ({', '.join(genomes)}), each its own matrix; reading "
+                        f"one would drop the other's genes: write the one to cluster to its own file")
+    g = f["matrix"] if "matrix" in f else f[genomes[0]]
     need = ["data", "indices", "indptr", "shape", "barcodes"] + (["features/name"] if "features" in g else ["gene_names"])
     missing = [k for k in need if k not in g]
     if missing:

@@ -206,6 +206,15 @@ def _tenx(tmp, X):
 
 def test_damaged_hdf5_files(tmp_path):
     X, y = D.synthetic_counts(n_cells=30, n_genes=20, seed=4)
+    m = sp.csc_matrix(X.T.astype(np.int32))
+    with h5py.File(tmp_path / "barnyard.h5", "w") as f:  # Cell Ranger v2, human + mouse: a group per genome
+        for genome in ("hg19", "mm10"):
+            g = f.create_group(genome)
+            g["data"], g["indices"], g["indptr"], g["shape"] = m.data, m.indices, m.indptr, np.array(m.shape)
+            g["barcodes"] = np.array([f"B{i}" for i in range(30)]).astype("S")
+            g["gene_names"] = np.array([f"{genome}_G{j}" for j in range(20)]).astype("S")
+    with pytest.raises(D.DataError, match=r"holds 2 genomes \(hg19, mm10\)"):
+        D.read_counts(str(tmp_path / "barnyard.h5"))
     path, m = _tenx(tmp_path, X)
     with h5py.File(path, "a") as f:
         del f["matrix/indptr"]
