@@ -785,14 +785,22 @@ def update_readme(tables):
     readme_block("results", body, "benchmark.py from results/*.csv")
 
 
-def figure(results, seeds):
-    """Table 1 as bars (ARI per method and recipe, per dataset), the paper's ARI marked."""
+def pyplot():
+    """matplotlib's pyplot (no display needed), or None with a note when it is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no figure (pip install matplotlib)", flush=True)
+        return None
+    return plt
+
+
+def figure(results, seeds):
+    """Table 1 as bars (ARI per method and recipe, per dataset), the paper's ARI marked."""
+    plt = pyplot()
+    if plt is None:
         return
     df = experiment_rows(results, "table1")
     fig, axes = plt.subplots(1, len(T1_DATASETS), figsize=(22, 4.2))
@@ -822,12 +830,8 @@ def figure(results, seeds):
 def fig3_figure(results, seeds):
     """Figure 3 as the paper draws it: ARI, NMI and silhouette against the rounds (5 local epochs)
     and against the local epochs (300 rounds); a run still pending is left out of its line."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figure (pip install matplotlib)", flush=True)
+    plt = pyplot()
+    if plt is None:
         return
     df = experiment_rows(results, "fig3")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
