@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 import common
+import runs
 import data as D
 
 torch.set_num_threads(1)  # as every script does: this small MLP is slower on two threads
@@ -44,7 +45,7 @@ def synth_h5(tmp_path_factory):
 
 
 def rows(csv):
-    return pd.read_csv(csv, float_precision="round_trip") if os.path.exists(csv) else pd.DataFrame()
+    return pd.read_csv(csv, float_precision="round_trip", dtype=runs.TEXT_COLUMNS) if os.path.exists(csv) else pd.DataFrame()
 
 
 def parse(name, argv=()):
