@@ -841,6 +841,9 @@ def fig3_figure(results, seeds):
         for m, name in (("ari", "ARI"), ("nmi", "NMI"), ("sil", "Silhouette")):
             xy = [(x, r[m].mean()) for x, r in points if len(r) and m in r]
             ax.plot(*zip(*xy), marker="o", label=name)
+        if what == "local_epochs":  # 5 to 100: a log axis, ticks at the values run
+            ax.set_xscale("log")
+            ax.set_xticks([x for x, _ in points], [str(x) for x, _ in points])
         ax.set_xlabel("total rounds (5 local epochs)" if what == "rounds" else "local epochs (300 rounds)")
         ax.set_ylabel("%")
         ax.legend(fontsize=8)
