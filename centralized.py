@@ -5,13 +5,13 @@
   csc      contrastive-sc itself: Dropout(0.9) inside the encoder, NT-Xent (T 0.07), Adam lr 0.4,
            batch 200, 30 epochs
 For centralized training of a federated method, run it with one client: --clients 1 --partition iid."""
+import cli  # first, before any other import: a Ctrl-C from here on ends with one line (cli.py)
 import dataclasses
 import json
 import time
 import typing
 from dataclasses import dataclass
 
-import cli  # first: a Ctrl-C while torch loads then ends with one line (cli.py)
 import common
 import numpy as np
 import torch

@@ -9,33 +9,40 @@ come from here.
     check_data               checks that need the loaded cells (before any training)
     user_errors, Diverged    one `error:` line and exit 2; a diverged run exits 3; Ctrl-C exits 130
 """
-import argparse
-import ast
-import contextlib
-import dataclasses
-import hashlib
-import inspect
-import json
-import math
 import os
 import signal
 import sys
-import tempfile
 import threading
-import typing
 
 
-def _interrupted_while_loading(signum, frame):
-    """Ctrl-C or SIGTERM while numpy, pandas and torch load, before user_errors() is in place: one line.
-    (A KeyboardInterrupt raised inside torch's import would abort the process with a C++ message.)"""
-    print("interrupted: nothing saved", file=sys.stderr, flush=True)
+def interrupted_line():
+    saved = getattr(sys.modules.get("runs"), "saved", None)  # the run this process saved whole, if any
+    return f"interrupted: {f'the run was saved whole in {saved}' if saved else 'nothing saved'}"
+
+
+def end_now(signum, frame):
+    """Ctrl-C or SIGTERM where a KeyboardInterrupt cannot unwind cleanly: while numpy, pandas and torch
+    load (inside torch's import it would abort with a C++ message), and at exit (during torch's own exit
+    callbacks, common.py): one line, exit 130."""
+    print(interrupted_line(), file=sys.stderr, flush=True)
     os._exit(130)
 
 
 MAIN_THREAD = threading.current_thread() is threading.main_thread()
-SIGINT_BEFORE, SIGTERM_BEFORE = ((signal.signal(signal.SIGINT, _interrupted_while_loading),
-                                  signal.signal(signal.SIGTERM, _interrupted_while_loading)) if MAIN_THREAD
+SIGINT_BEFORE, SIGTERM_BEFORE = ((signal.signal(signal.SIGINT, end_now),
+                                  signal.signal(signal.SIGTERM, end_now)) if MAIN_THREAD
                                  else (None, None))  # common.py puts them back once torch is loaded
+
+import argparse  # noqa: E402 (after the handlers: a Ctrl-C from the first import on ends with one line)
+import ast  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import tempfile  # noqa: E402
+import typing  # noqa: E402
 
 import numpy as np  # noqa: E402
 from dataclasses import dataclass
@@ -221,12 +228,12 @@ def _interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def user_errors():
-    """Input problems end the run with one `error:` line and exit code 2 (no traceback, no row);
-    a diverged training run ends with one `diverged:` line and exit code 3 (its row says so);
-    Ctrl-C or SIGTERM ends it with one `interrupted:` line and exit code 130, leaving a whole
-    run (folder and row) or nothing (runs.save_run)."""
-    import threading
+def user_errors(script=True):
+    """A script's main block. Input problems end the run with one `error:` line and exit code 2 (no
+    traceback, no row); a diverged training run ends with one `diverged:` line and exit code 3 (its
+    row says so); Ctrl-C or SIGTERM ends it with one `interrupted:` line and exit code 130, leaving a
+    whole run (folder and row) or nothing (runs.save_run), also after the block as the process exits
+    (script=False: the handlers from before are back, for code that goes on, such as a test)."""
     main = threading.current_thread() is threading.main_thread()
     term = signal.signal(signal.SIGTERM, _interrupt) if main else None
     line = lambda e: " ".join(l.strip() for l in str(e).splitlines() if l.strip())  # a library's message may span lines
@@ -239,12 +246,21 @@ def user_errors():
         print(f"diverged: {line(e)}", file=sys.stderr, flush=True)
         sys.exit(3)
     except KeyboardInterrupt:
-        print(f"interrupted: {f'the run was saved whole in {runs.saved}' if runs.saved else 'nothing saved'}",
-              file=sys.stderr, flush=True)
-        sys.exit(130)
+        _interrupted()
     finally:
         if main:
-            signal.signal(signal.SIGTERM, term)
+            try:
+                signal.signal(signal.SIGTERM, term)
+                if script:  # the script ends: a signal during torch's exit callbacks ends with one line too
+                    signal.signal(signal.SIGINT, end_now)
+                    signal.signal(signal.SIGTERM, end_now)
+            except KeyboardInterrupt:  # a Ctrl-C as the script ends, once the run is saved or not
+                _interrupted()
+
+
+def _interrupted():
+    print(interrupted_line(), file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 def check(ok, msg):

@@ -344,8 +344,6 @@ def load(args):
     X, cells, genes = D.preprocess(counts, args.n_genes)
     y = None if y is None else y[cells]
     k = args.n_clusters or len(np.unique(y))
-    if k > len(X):
-        raise D.DataError(f"--n-clusters {k} is more than the {len(X)} cells")
     print(f"data {path} ({used}): {len(X)} cells x {X.shape[1]} genes, "
           f"{'no labels' if y is None else f'{len(np.unique(y))} types'}", flush=True)
     barcodes = found.get("barcodes")

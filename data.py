@@ -82,6 +82,9 @@ def check_counts(X, y, what="data"):
         raise DataError(f"{what}: counts contain NaN or infinite values; raw counts are needed")
     if (vals < 0).any():
         raise DataError(f"{what}: counts contain negative values; pass raw (unnormalised) counts")
+    if vals.size and vals.max() > 2 ** 53:  # beyond that a float64 holds no exact integer: not a count
+        raise DataError(f"{what}: counts up to {vals.max():.3g} are not raw counts (integers are exact only up to "
+                        f"2^53 = 9.0e15); pass raw UMI counts")
     if np.issubdtype(vals.dtype, np.floating):
         frac = vals[vals != np.round(vals)]
         if len(frac):

@@ -3,13 +3,13 @@
 uploads its online encoder and predictor, the server averages them (FedAvg), and each client
 replaces both with the global ones; the target encoder stays on the client. Flags remove the
 predictor, the EMA or the stop-gradient (the paper's Table 2 ablation)."""
+import common  # first, before any other import: a Ctrl-C from here on ends with one line (cli.py)
 import copy
 import dataclasses
 import math
 import typing
 from dataclasses import dataclass
 
-import common  # first: a Ctrl-C while torch loads then ends with one line (cli.py)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -19,6 +19,8 @@ questions as messages and each SuperNode calls site_step. Used by --preprocess f
                                                  (federated_kmeans, federated_lloyd), contingency tables
     load_federated, load_sites: split the raw counts first (or read one file per site), then preprocess
 """
+import re
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -193,6 +195,27 @@ def load_federated(args):
     return data
 
 
+def check_site_labels(names):
+    """SERVER: the sites' label names (one list per site) must be one vocabulary, or one type counts as
+    two: no site with numbers (codes) beside a site with names, no name spelled two ways (case, spaces,
+    '_', '-' or '.')."""
+    number = lambda x: re.fullmatch(r"[+-]?\d+(\.\d*)?", str(x).strip()) is not None
+    coded = [bool(len(n)) and all(number(x) for x in n) for n in names]
+    if any(coded) and not all(coded):
+        k, j = coded.index(True), coded.index(False)
+        raise D.DataError(f"site {k}'s labels are numbers ({', '.join(map(str, names[k][:3]))}) and site {j}'s are "
+                          f"names ({', '.join(map(str, names[j][:3]))}): give every site the same labels (names, or codes "
+                          f"with one meaning)")
+    spellings = {}
+    for n in names:
+        for x in map(str, n):
+            spellings.setdefault(re.sub(r"[\s_.-]+", " ", x.strip().lower()), set()).add(x)
+    two = next((sorted(v) for v in spellings.values() if len(v) > 1), None)
+    if two and len(names) > 1:
+        raise D.DataError(f"the sites spell one label {' and '.join(repr(x) for x in two)}: as two names they would "
+                          f"be two cell types; use one spelling at every site")
+
+
 def load_sites(args):
     """--sites: one client per file. Each site reads its own file; the server learns only gene names
     (to match them) and label names; preprocessing uses per-site statistics only."""
@@ -230,6 +253,8 @@ def load_sites(args):
     labelled = [y is not None for _, y, _, _, _ in reads]
     if any(labelled) and not all(labelled):
         raise D.DataError(f"sites {[k for k, l in enumerate(labelled) if not l]} have no labels, others do")
+    if all(labelled):
+        check_site_labels([np.unique(y.astype(str)) for _, y, _, _, _ in reads])
     label_names = np.unique(np.concatenate([y for _, y, _, _, _ in reads])) if all(labelled) else None
     if label_names is None and args.n_clusters < 1:
         raise D.DataError("the sites have no cell-type labels: pass --n-clusters to choose k")

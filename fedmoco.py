@@ -4,12 +4,12 @@ keys as negatives), uploads its query encoder, the server averages the query enc
 and each client replaces its query encoder with the global one. The key encoder restarts from the
 query encoder every round; the queue never leaves the client.
 --version 2 uses MoCo v2's MLP head and temperature 0.2."""
+import common  # first, before any other import: a Ctrl-C from here on ends with one line (cli.py)
 import copy
 import dataclasses
 import typing
 from dataclasses import dataclass
 
-import common  # first: a Ctrl-C while torch loads then ends with one line (cli.py)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -8,10 +8,10 @@ Cells held by no client (--partition class can leave some out) have no site to p
 the server's components and mean are applied to them too, as if the server sent them to anyone.
 They are not in the PCA; they are in the pooled evaluation (as every method embeds every cell) and,
 as for every method, not in --evaluate federated."""
+import common  # first, before any other import: a Ctrl-C from here on ends with one line (cli.py)
 import dataclasses
 from dataclasses import dataclass
 
-import common  # first: a Ctrl-C while numpy and torch loads then ends with one line (cli.py)
 import numpy as np
 
 

@@ -3,13 +3,13 @@
 uploads its online encoder and predictor, the server averages them (FedAvg), and each client takes
 the global model back through an EMA whose rate mu_k grows with the divergence between the global
 and its own encoder (paper Eq. 3-4); the target encoder stays on the client."""
+import common  # first, before any other import: a Ctrl-C from here on ends with one line (cli.py)
 import copy
 import dataclasses
 import math
 import typing
 from dataclasses import dataclass
 
-import common  # first: a Ctrl-C while torch loads then ends with one line (cli.py)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

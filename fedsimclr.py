@@ -2,10 +2,10 @@
 """FedSimCLR: each client trains SimCLR locally (encoder g(f(x)), NT-Xent over 2B views with 2B-2
 negatives per anchor), uploads its encoder, the server averages the encoders (FedAvg), and each
 client replaces its encoder with the global one."""
+import common  # first, before any other import: a Ctrl-C from here on ends with one line (cli.py)
 import dataclasses
 from dataclasses import dataclass
 
-import common  # first: a Ctrl-C while torch loads then ends with one line (cli.py)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

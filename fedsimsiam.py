@@ -2,11 +2,11 @@
 """FedSimSiam: each client trains SimSiam locally (encoder + predictor, stop-gradient, no momentum
 encoder), uploads its encoder and predictor, the server averages them (FedAvg), and each client
 replaces both with the global ones."""
+import common  # first, before any other import: a Ctrl-C from here on ends with one line (cli.py)
 import dataclasses
 import typing
 from dataclasses import dataclass
 
-import common  # first: a Ctrl-C while torch loads then ends with one line (cli.py)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -2,6 +2,7 @@
 Ranger HDF5 and mtx folders, CSV/TSV tables, labels files) and the writers (HDF5, .h5ad without
 anndata, atomic writes). Support code, not the lesson. Every problem raises data.DataError.
 """
+import collections
 import os
 import re
 
@@ -358,7 +359,7 @@ def read_labels(path, shape=None, transpose=False, barcodes=None):
 def _labels_by_name(path, ids, labels, cells):
     """Each cell's label from the line that names it (a cell with no line, or two, is an error)."""
     if len(set(ids)) < len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
+        dup = next(i for i, n in collections.Counter(ids).items() if n > 1)
         raise DataError(f"labels file '{path}': cell '{dup}' has more than one line")
     by_name = dict(zip(ids, labels))
     absent = [c for c in cells if c not in by_name]

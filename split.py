@@ -7,11 +7,11 @@ Each site file is scDeepCluster-style HDF5 with names: X (raw counts, cells x ge
 codes) and label_names, gene_names, cell_names. Every reader of data.py, and so every method file,
 takes it. Example: `python split.py baron_mouse_pancreas --by batch` gives one file per mouse.
 """
+import cli  # first, before any other import: a Ctrl-C from here on ends with one line (cli.py)
 import argparse
 import os
 import re
 
-import cli  # first: a Ctrl-C while numpy and torch loads then ends with one line (cli.py)
 import common
 import numpy as np
 import scipy.sparse as sp

@@ -67,7 +67,7 @@ BAD = [  # (case, script, arguments, part of the message)
     ("batch size 1", "fedsc", ["--data", "{ok}", "--batch-size", "1"], "--batch-size must be at least 2"),
     ("negative n-genes", "fedsc", ["--data", "{ok}", "--n-genes", "-5"], "--n-genes must be positive"),
     ("n-clusters 1", "fedsc", ["--data", "{ok}", "--n-clusters", "1"], "--n-clusters must be at least 2"),
-    ("n-clusters above cells", "fedsc", ["--data", "{ok}", "--n-clusters", "80"], "more than the 50 cells"),
+    ("n-clusters above cells", "fedsc", ["--data", "{ok}", "--n-clusters", "80"], "needs fewer clusters than the 50 cells"),
     ("negative seed", "fedsc", ["--data", "{ok}", "--seed", "-1"], "--seed must be in [0, 2^32)"),
     ("seed too large", "fedsc", ["--data", "{ok}", "--seed", str(2 ** 32)], "--seed must be in [0, 2^32)"),
     ("label key on a table", "fedsc", ["--data", "{cxg}", "--label-key", "cell_type"], "--label-key is for HDF5"),

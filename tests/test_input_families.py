@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 import cli  # noqa: E402
 import common  # noqa: E402
 import data as D  # noqa: E402
+import federated  # noqa: E402
 import formats  # noqa: E402
 import runs  # noqa: E402
 import split  # noqa: E402
@@ -276,6 +277,33 @@ def test_sites_refuse_what_they_would_ignore_twice_given_files_and_duplicate_gen
     with pytest.raises(D.DataError, match="--sites is given twice"):
         parse("fedsc", ["--sites", a, "--sites", b], tmp_path)
 
+
+
+def test_sites_must_share_one_label_vocabulary(tmp_path):
+    """Codes at one site and names at another, or one name spelled two ways, would count one type twice."""
+    X, y = D.synthetic_counts(n_cells=60, n_genes=40, n_types=3, seed=1)
+    genes, names = [f"g{j}" for j in range(40)], np.array(["B cell", "NK", "T"])
+    site = lambda name, labels: formats.write_h5(str(tmp_path / name), X[:30] if name < "b" else X[30:],
+                                                 Y=labels, gene_names=genes)
+    a = site("a.h5", names[y[:30]].astype("S"))
+    for b, expect in ((site("b.h5", y[30:]), r"site 1's labels are numbers \(0, 1, 2\) and site 0's are names"),
+                      (site("b2.h5", (y[30:] + 1).astype(str).astype("S")), r"site 1's labels are numbers \(1, 2, 3\)"),
+                      (site("b3.h5", np.array(["B_Cell", "NK", "T"])[y[30:]].astype("S")),
+                       r"the sites spell one label 'B cell' and 'B_Cell'")):
+        refused(expect, "fedsc", ["--sites", a, b], tmp_path)
+    common.setup(parse("fedsc", ["--sites", a, site("b4.h5", names[y[30:]].astype("S"))], tmp_path))  # one vocabulary
+    federated.check_site_labels([np.array(["1", "2"]), np.array(["2", "3"])])  # codes at every site: the user's meaning
+
+
+def test_counts_beyond_exact_integers_are_not_counts(tmp_path):
+    X, y = D.synthetic_counts(n_cells=60, n_genes=40, n_types=3, seed=1)
+    for value in (1e300, 2.0 ** 60):
+        big = X.astype(float)
+        big[0, 0] = value
+        refused(r"counts up to .* are not raw counts \(integers are exact only up to 2\^53", "fedsc",
+                ["--data", formats.write_h5(str(tmp_path / "big.h5"), big, Y=y)], tmp_path)
+    big[0, 0] = 2.0 ** 53  # the largest exact integer is still a count
+    common.setup(parse("fedsc", ["--data", formats.write_h5(str(tmp_path / "ok.h5"), big, Y=y), "--partition", "iid"], tmp_path))
 
 # --------------------------------------------------------------------------------------------- split.py
 def test_split_checks_its_input_and_says_what_partition_leaves_out(tmp_path, capsys):

@@ -113,7 +113,7 @@ def test_a_real_signal_while_the_run_lands_waits_until_it_has(tmp_path, monkeypa
             time.sleep(0.1)
 
         monkeypatch.setattr(runs.os, "rename", rename)
-        with cli.user_errors(), pytest.raises(KeyboardInterrupt):  # user_errors turns SIGTERM into one too
+        with cli.user_errors(script=False), pytest.raises(KeyboardInterrupt):  # user_errors turns SIGTERM into one too
             runs.save_run(args, data, log, "ok", dict(metrics), h, pred)
         monkeypatch.setattr(runs.os, "rename", real_rename)
         assert whole_or_nothing(args.out)
@@ -122,11 +122,11 @@ def test_a_real_signal_while_the_run_lands_waits_until_it_has(tmp_path, monkeypa
 
 def test_ctrl_c_ends_with_one_line_and_exit_130(tmp_path, capsys):
     runs.saved = None
-    with pytest.raises(SystemExit) as e, cli.user_errors():
+    with pytest.raises(SystemExit) as e, cli.user_errors(script=False):
         raise KeyboardInterrupt
     assert e.value.code == 130 and capsys.readouterr().err == "interrupted: nothing saved\n"
     runs.saved = str(tmp_path / "runs" / "x")
-    with pytest.raises(SystemExit) as e, cli.user_errors():
+    with pytest.raises(SystemExit) as e, cli.user_errors(script=False):
         raise KeyboardInterrupt
     assert e.value.code == 130 and capsys.readouterr().err == f"interrupted: the run was saved whole in {runs.saved}\n"
     runs.saved = None
@@ -177,3 +177,24 @@ def test_a_signal_while_the_libraries_load_ends_with_one_line(script, module, si
     p = subprocess.run([sys.executable, "-c", CTRL_C_AT_IMPORT, module, str(int(sig)), script, "--help"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert (p.returncode, p.stderr, p.stdout) == (130, "interrupted: nothing saved\n", "")
+
+
+# A child that sends itself a signal as the interpreter exits, after the script's last line: where
+# torch's own exit callbacks run (a KeyboardInterrupt there prints "Exception ignored ..." and a traceback).
+CTRL_C_AT_EXIT = """
+import atexit, os, runpy, signal, sys, time
+atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(1)))
+sys.argv.pop(0)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_signal_as_the_script_exits_after_saving_ends_with_one_line(tmp_path):
+    X, y = D.synthetic_counts(n_cells=60, n_genes=30, n_types=2, seed=0)
+    h5, out = formats.write_h5(str(tmp_path / "s.h5"), X, Y=y), tmp_path / "o" / "r.csv"
+    p = subprocess.run([sys.executable, "-c", CTRL_C_AT_EXIT, "fedsimclr.py", "--data", h5, "--rounds", "1",
+                        "--local-epochs", "1", "--n-genes", "20", "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    folders, hidden, rows = saved(str(out))
+    assert len(rows) == 1 and folders == rows and hidden == []
+    assert (p.returncode, p.stderr) == (130, f"interrupted: the run was saved whole in {tmp_path / 'o' / 'runs' / rows[0]}\n")

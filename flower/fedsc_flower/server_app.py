@@ -161,6 +161,8 @@ def run(grid, run_config):
     labels = [r.get("labels") for r in sites.ask("read")]  # each site's label names, or none
     if any(l is None for l in labels) and not all(l is None for l in labels):
         raise SiteError(f"sites {[k for k, l in enumerate(labels) if l is None]} have no labels, others do")
+    if labels[0] is not None:
+        federated.check_site_labels([np.unique(np.asarray(l).astype(str)) for l in labels])  # one vocabulary
     label_names = None if labels[0] is None else [str(x) for x in np.unique(np.concatenate(labels))]
     if label_names is None and args.n_clusters < 1:
         raise SiteError("the sites have no cell-type labels: pass --n-clusters (run config args) to choose k")
