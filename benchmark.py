@@ -120,7 +120,11 @@ SPLITS = [("non-IID (Table 1)", []), ("IID, 4 clients", ["--partition", "iid"]),
 # class table's. The weight is the largest at which every tuned recipe's first round is stable
 # (lr x weight <= 1 with lr up to 1), a rule chosen before any ARI was seen on bladder or Baron.
 MECHANISMS = [("PCA anchor", ["--anchor", "1"])]
-EXPERIMENTS = ("tune", "mu", "federated", "class", "table1", "split", "anchor", "table2", "table3", "fig3")
+# Faster numerics (issue: a round at the matrix-multiply bound), each a flag off by default, against
+# the default at the paper's protocol on PBMC: FedSC (whose round speed.py times) and FedBYOL (Figure
+# 3's method). The default rows are Table 1's. bf16 autocast and torch.compile are only timed (speed.py).
+FAST = [("default", []), ("--one-pass", ["--one-pass"])]
+EXPERIMENTS = ("tune", "mu", "federated", "class", "table1", "split", "anchor", "fast", "table2", "table3", "fig3")
 # `bash run_all.sh` with no experiment: the class table. `paper`: the paper's full protocol.
 GROUPS = {"paper": ["table1", "table2", "table3", "fig3"]}
 # The class table: every method's tuned recipe and the centralized references (not the 300-round
@@ -132,7 +136,7 @@ CLASS_MECH = [(f"{label} + {name}", script, extra + mech) for label, script, ext
               if label in ("FedBYOL", "FedSC") for name, mech in MECHANISMS]
 # An experiment whose runs may already have a row in another experiment's CSV: such a run is reused,
 # not run again, and its table reads both CSVs.
-SHARED_ROWS = {"split": ["table1", "class"], "class": ["table1", "anchor"], "table1": ["class"], "anchor": ["class", "table1"]}
+SHARED_ROWS = {"split": ["table1", "class"], "class": ["table1", "anchor"], "table1": ["class"], "anchor": ["class", "table1"], "fast": ["table1"]}
 # Runs an experiment's table may show as pending: Table 1's paper-recipe rows, the one-client SimCLR
 # row included (300 rounds each, about 12 CPU-hours in all), are published as "pending" until their
 # seeds are all in, once every tuned and centralized row is complete. Any other missing run keeps a
@@ -231,6 +235,10 @@ def plan(experiment, seeds):
                          for label, script, extra in FED for s in seeds]
         runs += [((label, ds, "none"), script, ["--data", ds] + extra, s)
                  for ds in T1_DATASETS for label, script, extra in FED_EXACT for s in seeds]
+    elif experiment == "fast":  # the fast options first; the default runs are Table 1's
+        for name, opt in FAST[::-1]:
+            runs += [((label, name), script, ["--data", "10X_PBMC", "--recipe", "paper"] + extra + opt, s)
+                     for label, script, extra in FED if label in ("FedSC", "FedBYOL") for s in seeds]
     elif experiment == "table2":
         for flags, extra in T2_ROWS:
             runs += [(flags, "fedbyol.py", ["--data", "10X_PBMC"] + extra, s) for s in seeds]
@@ -636,6 +644,14 @@ def anchor_table(df, seeds, overrides, missing):
     return "\n".join(out)
 
 
+def fast_table(df, seeds, overrides, missing):
+    out = ["| method | numerics | ARI | NMI | Sil | s/run |", "|" + "---|" * 6]
+    for (label, name), script, argv, _ in sorted(plan("fast", seeds[:1]), key=lambda run: run[0][0]):
+        r = rows_for(df, script, argv, seeds, overrides, missing)
+        out.append(f"| {label} | {name} |" + "".join(f" {cell(r, m)} |" for m in ("ari", "nmi", "sil")) + f" {secs(r)} |")
+    return "\n".join(out)
+
+
 def table2(df, seeds, overrides, missing):
     mark = {1: "✓", 0: "✗"}
     out = ["| predictor | EMA | stop-grad | ARI | NMI | Sil | paper ARI / NMI / Sil | s/run |", "|" + "---|" * 8]
@@ -679,6 +695,8 @@ TITLES = {"class": "ARI (%) of every method's tuned recipe on the paper's non-II
           "anchor": "Axes every site shares: ARI at each method's tuned recipe on the paper's non-IID split, without "
                     "and with the PCA anchor (--anchor 1: a head on f(x) regresses each cell's exact federated PCA-50 "
                     "coordinates); mean ± std over seeds 0, 1, 2",
+          "fast": "Faster numerics at the paper's protocol on 10X PBMC: the default and each fast option (mean ± std "
+                  "over seeds; s/run from runs at different times and loads: speed.py gives the in-run ratio)",
           "table2": "Table 2: FedBYOL ablation on 10X PBMC (paper recipe)",
           "table3": "Table 3: FedSC on mouse bladder, cell types per client (paper recipe)",
           "fig3": "Figure 3 sweep: FedBYOL on 10X PBMC, rounds and local epochs (paper recipe, seed 0)"}
@@ -689,7 +707,7 @@ def build(exp, df, seeds, overrides, results):
     if exp == "mu":
         md = mu_table(df, seeds, overrides, missing, results)
     else:
-        md = {"class": class_table, "tune": tune_table, "federated": federated_table, "table1": table1, "split": split_table, "anchor": anchor_table, "table2": table2, "table3": table3,
+        md = {"class": class_table, "tune": tune_table, "federated": federated_table, "table1": table1, "split": split_table, "anchor": anchor_table, "fast": fast_table, "table2": table2, "table3": table3,
               "fig3": fig3_table}[exp](df, seeds, overrides, missing)
     return md, missing
 

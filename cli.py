@@ -137,6 +137,8 @@ class FedArgs(DataArgs):
     """pooled: preprocess all cells together before the split (the paper); federated: split the raw counts first, then preprocess from per-site statistics only (the same result)"""
     anchor: float = 0.0
     """weight of the PCA anchor (0 = off): a linear head on each cell's f(x) also regresses the cell's coordinates in the exact federated PCA-50 of all sites (sites send sums, fedpca.py), axes every site shares; the head is averaged like the encoder (docs/protocol.md#the-pca-anchor)"""
+    one_pass: bool = False
+    """both masked views of a batch through each network in one forward pass of 2B cells (faster: docs/speed.md); BatchNorm then normalises the two views together, not each view's B cells (not the paper: docs/protocol.md#one-pass)"""
     evaluate: typing.Literal["pooled", "federated", "both"] = "pooled"
     """pooled: KMeans and metrics on every cell's embedding in one place (the paper); federated: each site embeds its own cells, KMeans and ARI/NMI/CH from per-site sums, silhouette simplified (centroid-based); cells on no client are not evaluated; both: pooled, plus the federated metrics as fed_* columns (a simulation's comparison)"""
 

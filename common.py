@@ -82,6 +82,14 @@ def two_views(x, p, gen):
     return v1, v2
 
 
+def views(net, v1, v2, args):
+    """net(v1), net(v2): each view's batch on its own (the paper), or with --one-pass both views in
+    one forward pass of 2B cells (BatchNorm then normalises them together)."""
+    if args.one_pass:
+        return net(torch.cat([v1, v2])).chunk(2)
+    return net(v1), net(v2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Clients: private data and state; batches; copies of weights
 # ---------------------------------------------------------------------------------------------

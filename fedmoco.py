@@ -37,6 +37,7 @@ class Args(common.FedArgs):
         common.check(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
         common.check(self.queue_size >= 1, f"--queue-size must be at least 1, got {self.queue_size}")
         common.check(0 <= self.m <= 1, f"--m must be in [0, 1], got {self.m}")
+        common.check(not self.one_pass, "--one-pass is not offered for MoCo (its keys come from a second encoder)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,9 +62,9 @@ def byol_loss(p, z):
 
 
 def loss_fn(model, v1, v2, args):
-    p1, p2 = model["predictor"](model["online"](v1)), model["predictor"](model["online"](v2))
+    p1, p2 = common.views(lambda v: model["predictor"](model["online"](v)), v1, v2, args)
     with torch.no_grad():  # stop-gradient on the target branch
-        z1, z2 = model["target"](v1), model["target"](v2)
+        z1, z2 = common.views(model["target"], v1, v2, args)
     return (byol_loss(p1, z2) + byol_loss(p2, z1)).mean()
 
 

@@ -43,7 +43,7 @@ def nt_xent(z1, z2, temperature):
 
 
 def loss_fn(model, v1, v2, args):
-    return nt_xent(model["online"](v1), model["online"](v2), args.temperature)
+    return nt_xent(*common.views(model["online"], v1, v2, args), args.temperature)
 
 
 # ---------------------------------------------------------------------------------------------

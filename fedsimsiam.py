@@ -38,8 +38,8 @@ def make_model(n_genes, args):
 # METHOD: loss. L = -1/2 cos(p1, sg(z2)) - 1/2 cos(p2, sg(z1)), z = g(f(v)), p = q(z)
 # ---------------------------------------------------------------------------------------------
 def loss_fn(model, v1, v2, args):
-    z1, z2 = model["online"](v1), model["online"](v2)
-    p1, p2 = model["predictor"](z1), model["predictor"](z2)
+    z1, z2 = common.views(model["online"], v1, v2, args)
+    p1, p2 = common.views(model["predictor"], z1, z2, args)
     # stop-gradient: the z being predicted is detached, only the predictor branch gets gradients
     return -0.5 * (F.cosine_similarity(p1, z2.detach(), dim=-1).mean()
                    + F.cosine_similarity(p2, z1.detach(), dim=-1).mean())

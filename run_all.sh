@@ -7,6 +7,7 @@
 #                                         # and 3, Figure 3 (`bash run_all.sh paper --plan`: its cost)
 #   bash run_all.sh tune table1           # the tuning grid on 10X PBMC (writes recipes.json), then Table 1
 #   bash run_all.sh mu split federated    # FedSC's download rules; what the split costs; pooled vs federated
+#   bash run_all.sh anchor fast           # the PCA anchor for every method; the fast option --one-pass
 #   bash run_all.sh --quick               # every class-table row, 3 rounds, one seed (printed only)
 #   bash run_all.sh --plan                # what would run and its estimated cost; runs nothing
 #   bash run_all.sh --jobs 1 --seeds 0    # options: see python benchmark.py --help

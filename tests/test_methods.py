@@ -206,6 +206,21 @@ def test_byol_and_simsiam_losses_match_naive_loops():
     assert fedsimsiam.loss_fn(m, v1, v2, args).item() == pytest.approx(naive.item(), rel=1e-5)
 
 
+
+def test_one_pass_normalises_both_views_together_and_nothing_else_changes():
+    """--one-pass: each network sees the 2B stacked cells once, so BatchNorm's batch is both views;
+    the loss is the same function of those outputs (and the default keeps each view's batch apart)."""
+    fedbyol, args, c = _client("fedbyol")
+    m, v1, v2 = c.model, torch.randn(16, 20), torch.randn(16, 20) + 1  # views with other means: BN can tell
+    one = copy.copy(args)
+    one.one_pass = True
+    p, z = m["predictor"](m["online"](torch.cat([v1, v2]))), m["target"](torch.cat([v1, v2]))
+    naive = (fedbyol.byol_loss(p[:16], z[16:]) + fedbyol.byol_loss(p[16:], z[:16])).mean()
+    assert fedbyol.loss_fn(m, v1, v2, one).item() == pytest.approx(naive.item(), rel=1e-6)
+    assert fedbyol.loss_fn(m, v1, v2, args).item() != pytest.approx(naive.item(), rel=1e-3)
+    with pytest.raises(D.DataError, match="--one-pass is not offered for MoCo"):
+        parse("fedmoco", ["--one-pass"])
+
 def _grads(model, loss):
     model.zero_grad(set_to_none=True)
     loss.backward()
