@@ -37,6 +37,10 @@ def test_the_default_experiment_is_the_class_table_and_shares_table1s_runs():
     assert all((script, tuple(argv), s) in shared for _, script, argv, s in runs)  # no run of its own
     assert "class" in benchmark.SHARED_ROWS["table1"] and {"table1", "anchor"} <= set(benchmark.SHARED_ROWS["class"])
     assert benchmark.GROUPS["paper"] == ["table1", "table2", "table3", "fig3"]
+    # Table 2's tuned column: the full model's run is Table 1's tuned FedBYOL run, the ablations its own
+    t2 = {(script, tuple(argv)) for _, script, argv, _ in benchmark.plan("table2", [0]) if "tuned" in argv}
+    t1 = {(script, tuple(argv)) for _, script, argv, _ in benchmark.plan("table1", [0])}
+    assert len(t2) == len(benchmark.T2_ROWS) and len(t2 & t1) == 1 and "table1" in benchmark.SHARED_ROWS["table2"]
 
 
 def test_plan_cost_scales_finished_rows_by_the_schedule():
