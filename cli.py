@@ -185,6 +185,11 @@ def _parser(cls, with_defaults=True):
 
 
 SITES_IGNORE = ("data", "labels", "clients", "partition", "types_per_client", "dirichlet_alpha", "shuffle_classes")
+UNUSED = [(lambda a: getattr(a, "sites", None), SITES_IGNORE, "--sites makes one client of each file"),
+          (lambda a: getattr(a, "partition", "class") != "class", ("types_per_client", "shuffle_classes"),
+           "types per client belong to --partition class"),
+          (lambda a: getattr(a, "partition", "dirichlet") != "dirichlet", ("dirichlet_alpha",),
+           "--dirichlet-alpha belongs to --partition dirichlet")]  # (when, options then unused, why)
 RECORDED_WHEN_GIVEN = ("labels_header",)  # options newer than the results: rows of runs without them still match
 
 
@@ -201,9 +206,10 @@ def parse_args(cls, argv=None):
     for k in RECORDED_WHEN_GIVEN:
         if k not in given:
             vars(args).pop(k, None)  # the class default still answers args.<k>
-    ignored = [f"--{k.replace('_', '-')}" for k in SITES_IGNORE if k in given and getattr(args, "sites", None)]
-    check(not ignored, f"--sites makes one client of each file, so {', '.join(ignored)} would be ignored "
-                       f"(and recorded as if used): drop {'it' if len(ignored) == 1 else 'them'}")
+    for when, keys, why in UNUSED:
+        ignored = [f"--{k.replace('_', '-')}" for k in keys if k in given and when(args)]
+        check(not ignored, f"{why}, so {', '.join(ignored)} would be ignored (and recorded as if used): "
+                           f"drop {'it' if len(ignored) == 1 else 'them'}")
     if getattr(args, "recipe", "paper") == "tuned":
         recipe = tuned_recipe(args.method)
         for k, v in recipe.items():
@@ -311,9 +317,7 @@ def check_out(out):
     a new or empty file, in a folder we can write to, beside a run folder (runs/) we can create."""
     if not os.path.basename(out):
         raise D.DataError(f"--out '{out}' names no file; give a CSV file path such as runs/results.csv")
-    if len(os.fsencode(os.path.basename(out) + ".lock")) > 255:  # its lock file's name must fit too
-        raise D.DataError(f"--out: the file name is too long ({len(os.fsencode(os.path.basename(out)))} bytes); "
-                          f"give a name of at most 250 bytes")
+    formats.check_path_length(out + ".lock", "--out", room=300)  # its lock file and run folder fit too
     if os.path.isdir(out):
         raise D.DataError(f"--out '{out}' is a directory; give a CSV file path, e.g. {os.path.join(out, 'results.csv')}")
     if os.path.lexists(out) and not os.path.isfile(out):
@@ -369,6 +373,9 @@ def resolve(args, script=None):
         path = D.resolve_data(args.data)
         formats.check_path(path, "--data")
         digest = file_sha256(path)
+        named = D.BENCHMARKS.get(args.data, {}).get("sha256", digest)  # a benchmark by name: that very file
+        check(digest == named, f"--data {args.data}: '{path}' is not the benchmark's file (sha256 {digest[:12]}..., "
+                               f"expected {named[:12]}...); move it away to download it again, or pass it by its path")
     bench = next((b for b in D.BENCHMARKS.values() if b["sha256"] == digest), {})
     args.n_genes = args.n_genes or bench.get("n_genes", D.DEFAULT_N_GENES)
     if isinstance(args, FedArgs) and not args.types_per_client and "types_per_client" in bench:

@@ -55,7 +55,7 @@ def read_counts(path, label_key=None, labels=None, transpose=False, layer=None, 
             is_hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
         if is_hdf5:
             X, y, used = formats.read_h5(path, label_key, layer, names, transpose)
-        elif path.endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")):
+        elif path.lower().endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")):
             if layer or label_key:
                 raise DataError(f"--{'layer' if layer else 'label-key'} is for HDF5 files; '{path}' is a table "
                                 f"(give its labels with --labels FILE)")
@@ -82,7 +82,7 @@ def check_counts(X, y, what="data"):
         raise DataError(f"{what}: counts contain NaN or infinite values; raw counts are needed")
     if (vals < 0).any():
         raise DataError(f"{what}: counts contain negative values; pass raw (unnormalised) counts")
-    if vals.size and vals.max() > 2 ** 53:  # beyond that a float64 holds no exact integer: not a count
+    if vals.size and float(vals.max()) > 2 ** 53:  # beyond that a float64 holds no exact integer: not a count
         raise DataError(f"{what}: counts up to {vals.max():.3g} are not raw counts (integers are exact only up to "
                         f"2^53 = 9.0e15); pass raw UMI counts")
     if np.issubdtype(vals.dtype, np.floating):

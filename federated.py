@@ -27,6 +27,7 @@ import torch
 
 import cli
 import data as D
+import formats
 
 
 class LocalSites:
@@ -206,11 +207,7 @@ def check_site_labels(names):
         raise D.DataError(f"site {k}'s labels are numbers ({', '.join(map(str, names[k][:3]))}) and site {j}'s are "
                           f"names ({', '.join(map(str, names[j][:3]))}): give every site the same labels (names, or codes "
                           f"with one meaning)")
-    spellings = {}
-    for n in names:
-        for x in map(str, n):
-            spellings.setdefault(re.sub(r"[\s_.-]+", " ", x.strip().lower()), set()).add(x)
-    two = next((sorted(v) for v in spellings.values() if len(v) > 1), None)
+    two = formats.one_spelling(names)
     if two and len(names) > 1:
         raise D.DataError(f"the sites spell one label {' and '.join(repr(x) for x in two)}: as two names they would "
                           f"be two cell types; use one spelling at every site")
@@ -230,6 +227,7 @@ def load_sites(args):
         if len(args.sites) > 1 and found.get("genes") is None:
             raise D.DataError(f"site {k} ('{path}') has no gene names, so its genes cannot be matched "
                               f"with the other sites'")
+        found = {k: np.asarray(v).astype(str) for k, v in found.items()}  # gene 7 and gene '7' are one name
         barcodes, genes = found.get("barcodes"), found.get("genes")
         if barcodes is not None and len(set(barcodes)) < len(barcodes):
             raise D.DataError(f"site {k} ('{path}') has duplicate cell barcodes")

@@ -28,10 +28,20 @@ def _h5_matrix(node):
         raise DataError(f"'{node.name}' is a group but not a sparse matrix: it needs data, indices, indptr "
                         f"and a shape attribute with a csr/csc encoding (missing: {', '.join(missing + (['shape'] if shape is None else [])) or 'encoding'})")
     cls = sp.csc_matrix if "csc" in enc else sp.csr_matrix
+    return _sparse(cls, (node["data"][()], node["indices"][()], node["indptr"][()]), shape, f"'{node.name}'")
+
+
+def _sparse(cls, parts, shape, where):
+    """A CSR/CSC matrix from stored parts, checked whole: an index beyond the shape or an indptr that
+    goes down would otherwise be read out of bounds (a crash, or entries silently dropped)."""
     try:
-        return cls((node["data"][()], node["indices"][()], node["indptr"][()]), shape=tuple(int(n) for n in shape))
-    except (ValueError, TypeError) as e:
-        raise DataError(f"'{node.name}': the sparse matrix is inconsistent ({e})") from None
+        if any(np.ndim(a) != 1 for a in parts) or np.ndim(shape) != 1 or len(shape) != 2:
+            raise ValueError("data, indices and indptr must be lists and the shape two numbers")
+        m = cls(parts, shape=tuple(int(n) for n in shape))
+        m.check_format(full_check=True)
+        return m
+    except (ValueError, TypeError, OverflowError) as e:
+        raise DataError(f"{where}: the sparse matrix is inconsistent ({e})") from None
 
 
 def _decode(a):
@@ -78,9 +88,13 @@ def _h5ad_column(f, key):
     return values
 
 
-def _gene_expression(types, n):
+def _gene_expression(types, n, path):
     """Rows of a 10x feature list that are genes (Cell Ranger also lists antibody captures etc.)."""
-    return np.ones(n, bool) if types is None else np.asarray(types).astype(str) == "Gene Expression"
+    keep = np.ones(n, bool) if types is None else np.asarray(types).astype(str) == "Gene Expression"
+    if n and not keep.any():
+        raise DataError(f"'{path}': none of its {n} features is 'Gene Expression' (they are "
+                        f"{', '.join(sorted(set(np.asarray(types).astype(str)))[:3])}): no genes to cluster on")
+    return keep
 
 
 def read_10x_h5(f, path, names):
@@ -96,13 +110,10 @@ def read_10x_h5(f, path, names):
     missing = [k for k in need if k not in g]
     if missing:
         raise DataError(f"'{path}' looks like a 10x HDF5 file but its group '{g.name}' lacks {', '.join(missing)}")
-    try:
-        X = sp.csc_matrix((g["data"][()], g["indices"][()], g["indptr"][()]), shape=tuple(g["shape"][()])).T.tocsr()
-    except (ValueError, TypeError) as e:
-        raise DataError(f"'{path}': the 10x matrix is inconsistent ({e})") from None
+    X = _sparse(sp.csc_matrix, (g["data"][()], g["indices"][()], g["indptr"][()]), g["shape"][()], f"'{path}'").T.tocsr()
     if "features" in g:
         genes = _decode(g["features"]["name"][()])
-        keep = _gene_expression(_decode(g["features"]["feature_type"][()]) if "feature_type" in g["features"] else None, len(genes))
+        keep = _gene_expression(_decode(g["features"]["feature_type"][()]) if "feature_type" in g["features"] else None, len(genes), path)
     else:
         genes = _decode(g["gene_names"][()])
         keep = np.ones(len(genes), bool)
@@ -137,7 +148,7 @@ def read_10x_mtx(folder, names):
     if len(features) != X.shape[1] or len(barcodes) != X.shape[0]:
         raise DataError(f"'{folder}': matrix.mtx is {X.shape[1]} genes x {X.shape[0]} cells but the folder "
                         f"lists {len(features)} features and {len(barcodes)} barcodes")
-    keep = _gene_expression(features[2].to_numpy() if features.shape[1] > 2 else None, len(features))
+    keep = _gene_expression(features[2].to_numpy() if features.shape[1] > 2 else None, len(features), folder)
     names.update(genes=features[1 if features.shape[1] > 1 else 0].to_numpy()[keep], barcodes=barcodes)
     return X[:, np.flatnonzero(keep)], "10x mtx folder"
 
@@ -238,11 +249,21 @@ def _data_not_names(names, header):
 def read_table(path, transpose=False):
     """A CSV/TSV table with a header row of names and a first column of names."""
     import pandas as pd
-    sep = "," if path.endswith((".csv", ".csv.gz")) else "\t"
+    import gzip
     try:
+        with (gzip.open if path.lower().endswith(".gz") else open)(path, "rt", encoding="utf-8-sig", errors="replace") as f:
+            first = f.readline()  # the separator is the one the header line uses (the extension's on a tie)
+        sep = max(("," if path.lower().endswith((".csv", ".csv.gz")) else "\t", ",", "\t", ";"), key=first.count)
         df = pd.read_csv(path, sep=sep, index_col=0)
+        header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str).iloc[0, 1:].tolist()  # names unmangled
     except Exception as e:  # pandas raises many kinds; all mean "not a readable table"
         raise DataError(f"cannot read '{path}' as a table ({type(e).__name__}: {e})") from None
+    if len(header) == df.shape[1]:
+        if len(header) > 1 and header[-1] != header[-1] and df.iloc[:, -1].isna().all():  # every line ends with a separator
+            df, header = df.iloc[:, :-1], header[:-1]
+        df.columns = [str(h) for h in header]  # pandas renames a repeated name 'g0' to 'g0.1': keep it repeated
+    if df.shape[0] == 0:
+        raise DataError(f"'{path}' has a header line but no rows of counts")
     if _data_not_names(list(df.columns), header=True):
         raise DataError(f"'{path}': the first line is numbers, not names, so it looks like data; the "
                         f"table needs a header line of gene names (cell names with --transpose) and a "
@@ -284,6 +305,8 @@ def check_orientation(names, path, transpose):
 
 def check_names(X, y, names, path):
     """Gene names, cell names and labels must each be a list with one entry per gene / cell."""
+    if np.ndim(X) != 2 and not sp.issparse(X):
+        raise DataError(f"'{path}': counts of shape {np.shape(X)}; they must be a cells x genes matrix")
     for what, values, n, unit in (("gene names", names.get("genes"), X.shape[1], "genes"),
                                   ("cell names", names.get("barcodes"), X.shape[0], "cells"), ("labels", y, X.shape[0], "cells")):
         if values is not None and np.ndim(values) != 1:
@@ -291,6 +314,20 @@ def check_names(X, y, names, path):
         if values is not None and len(values) != n:
             raise DataError(f"'{path}': {len(values)} {what} for {n} {unit}; they must match"
                             + (" (cells are rows; use --transpose if genes are rows)" if unit == "cells" else ""))
+    two = None if y is None else one_spelling([np.unique(np.asarray(y).astype(str))])
+    if two:
+        raise DataError(f"'{path}': the labels spell one type {' and '.join(repr(x) for x in two)}; as two names "
+                        f"they would be two cell types: use one spelling")
+
+
+def one_spelling(groups):
+    """Two spellings of one label name (case, spaces, '_', '-' or '.') in label lists, or None."""
+    spellings = {}
+    for n in groups:
+        for x in map(str, n):
+            if x.strip().lower() not in MISSING_LABELS:
+                spellings.setdefault(re.sub(r"[\s_.-]+", " ", x.strip().lower()), set()).add(x)
+    return next((sorted(v) for v in spellings.values() if len(v) > 1), None)
 
 
 class Labels(str):
@@ -309,8 +346,8 @@ HEADER_WORDS = {"label", "labels", "celltype", "celltypes", "cellclass", "type",
 def read_labels(path, shape=None, transpose=False, barcodes=None):
     """One label per line, or two columns (comma or tab, quotes respected): cell name, label. With
     two columns whose names are the data's cell names, each cell gets its own line's label whatever
-    the order; names that match none of the cells are taken as an index, in file order. More
-    columns are refused (which one is the label?). The first line is a header, not a label, only
+    the order; a first column of row numbers is an index (file order); one of names that are none of
+    the data's cells is refused. More columns are refused (which one is the label?). The first line is a header, not a label, only
     when --labels-header declares it (a Labels path) or when it obviously is not a label of this
     data: a column name (label, cell_type, cluster, x, ...) or text above integer codes, found
     nowhere else in the file. Blank lines at the end are ignored; a blank or NA line elsewhere is a
@@ -341,6 +378,10 @@ def read_labels(path, shape=None, transpose=False, barcodes=None):
     ids = [r[0].strip() for r in rows[header:]] if width == {2} else []
     if ids and barcodes is not None and set(ids) & set(map(str, barcodes)):
         return _labels_by_name(path, ids, labels, [str(b) for b in barcodes])
+    if ids and barcodes is not None and not all(code.match(i) for i in ids):  # names, not an index (row numbers)
+        raise DataError(f"labels file '{path}': its first column names cells ('{ids[0]}', ...) but none is a cell "
+                        f"of the data ('{barcodes[0]}', ...); name the cells as the data does, or give one "
+                        f"label per line in the order of the cells")
     if shape is None or len(labels) == shape[0]:
         return labels
     n = shape[0]
@@ -414,6 +455,18 @@ def check_path(path, what):
         raise DataError(f"{what} '{path}' is empty")
     if not os.access(path, os.R_OK):
         raise DataError(f"{what} '{path}' is not readable")
+
+
+def check_path_length(path, what, room=0):
+    """A path to be written: every folder and file name at most 255 bytes, the whole at most 4096
+    (with room bytes to spare for what goes under it), so saving cannot fail on the name after training."""
+    full = os.fsencode(os.path.abspath(path))
+    long = next((p for p in full.split(b"/") if len(p) > 255), None)
+    if long is not None:
+        raise DataError(f"{what} '{path}': the name '{os.fsdecode(long[:40])}...' is {len(long)} bytes; a file "
+                        f"or folder name can have at most 255")
+    if len(full) + room > 4096:
+        raise DataError(f"{what} '{path}' is {len(full)} bytes long; paths can have at most {4096 - room} here")
 
 
 # ---------------------------------------------------------------------------------------------

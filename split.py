@@ -56,8 +56,12 @@ def split(a):
         check(len(column) == X.shape[0], f"'{a.by}' has {len(column)} values for {X.shape[0]} cells")
         groups = {re.sub(r"[^A-Za-z0-9_.-]+", "_", str(v)): np.flatnonzero(column == v) for v in np.unique(column)}
         check(len(groups) == len(np.unique(column)), f"two values of '{a.by}' give the same file name; rename them")
+    small = next((f"'{name}' would hold {len(idx)} cell" for name, idx in groups.items() if len(idx) < 2), None)
+    check(not small, f"site {small}; --sites needs at least 2 cells per site: merge it with another or drop it")
     stem = os.path.basename(path.rstrip(os.sep)).split(".")[0]
     outs = {name: os.path.join(a.out, f"{stem}_{name}.h5") for name in groups}
+    for f in outs.values():
+        formats.check_path_length(f + ".tmp", "a site file")
     taken = [f for f in outs.values() if os.path.lexists(f)]
     check(not taken, f"'{taken[0] if taken else ''}' exists: choose another --out (site files are never overwritten)")
     X = sp.csr_matrix(X)

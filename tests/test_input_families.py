@@ -66,9 +66,14 @@ def test_out_is_checked_whole_before_training(tmp_path):
     (tmp_path / "e" / "r.csv.lock").mkdir()
     with pytest.raises(D.DataError, match="its lock file .* is not a file"):
         cli.check_out(str(tmp_path / "e" / "r.csv"))
-    with pytest.raises(D.DataError, match="the file name is too long"):  # 251 bytes: the .lock name would not fit
+    with pytest.raises(D.DataError, match="is 256 bytes; a file or folder name can have at most 255"):  # the .lock name
         cli.check_out(str(tmp_path / ("r" * 247 + ".csv")))
     cli.check_out(str(tmp_path / ("r" * 246 + ".csv")))
+    with pytest.raises(D.DataError, match="is 300 bytes; a file or folder name"):  # a folder name, found before training
+        cli.check_out(str(tmp_path / ("e" * 300) / "r.csv"))
+    with pytest.raises(D.DataError, match="bytes long; paths can have at most"):  # the whole path (22 folders of 200)
+        cli.check_out(os.path.join(str(tmp_path), *["f" * 200] * 22, "r.csv"))
+    assert not os.path.exists(tmp_path / ("f" * 200))  # nothing made while checking
     assert not os.path.exists(tmp_path / "runs")  # checking creates no run folder
     long_data = argparse.Namespace(data="x" * 240 + ".h5", sites=None, method="FedSC", seed=0, out=str(out))
     assert len(os.path.basename(runs.run_folder(long_data, staged=True))) < 150  # a long data name: a short folder name
@@ -234,6 +239,90 @@ def test_damaged_hdf5_files(tmp_path):
         D.read_counts(str(tmp_path / "cut.h5"))
 
 
+def test_sparse_matrices_are_checked_whole(tmp_path):
+    """An index beyond the shape, an indptr that goes down or parts that are not lists are refused:
+    read as stored they crash the process (out-of-bounds reads) or drop entries silently."""
+    X, y = D.synthetic_counts(n_cells=30, n_genes=20, seed=4)
+    m = sp.csr_matrix(X)
+
+    def h5ad(name, data, indices, indptr, shape):
+        with h5py.File(tmp_path / name, "w") as f:
+            g = f.create_group("X")
+            g.attrs["encoding-type"], g.attrs["shape"] = "csr_matrix", shape
+            g["data"], g["indices"], g["indptr"] = data, indices, indptr
+            f.create_group("obs")
+        return str(tmp_path / name)
+    D.read_counts(h5ad("ok.h5ad", m.data, m.indices, m.indptr, m.shape))
+    far, down = m.indices.copy(), m.indptr.copy()
+    far[5], down[10] = 500, down[12]
+    for bad in (h5ad("narrow.h5ad", m.data, m.indices, m.indptr, (30, 15)), h5ad("far.h5ad", m.data, far, m.indptr, m.shape),
+                h5ad("down.h5ad", m.data, m.indices, down, m.shape), h5ad("2d.h5ad", m.data[None], m.indices, m.indptr, m.shape)):
+        with pytest.raises(D.DataError, match="the sparse matrix is inconsistent"):
+            D.read_counts(bad)
+    path, t = _tenx(tmp_path, X)
+    with h5py.File(path, "a") as f:
+        f["matrix/indices"][3] = 900
+    with pytest.raises(D.DataError, match="the sparse matrix is inconsistent"):
+        D.read_counts(path)
+    with h5py.File(tmp_path / "flat.h5", "w") as f:
+        f["X"], f["Y"] = X[0], y[:1]
+    with pytest.raises(D.DataError, match=r"counts of shape \(20,\); they must be a cells x genes matrix"):
+        D.read_counts(str(tmp_path / "flat.h5"))
+    path, t = _tenx(tmp_path, X)
+    with h5py.File(path, "a") as f:
+        f["matrix/features/feature_type"] = np.array(["Antibody Capture"] * 20).astype("S")
+    with pytest.raises(D.DataError, match="none of its 20 features is 'Gene Expression' .they are Antibody Capture"):
+        D.read_counts(path)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float16 counts: no overflow warning from the 2^53 check
+        assert D.read_counts(formats.write_h5(str(tmp_path / "f16.h5"), X.astype(np.float16), Y=y))[0].dtype == np.float16
+
+
+def test_tables_by_their_content(tmp_path):
+    """The separator is the header line's (';', a tab in a .csv); a separator ending every line, an
+    upper-case or gzip extension read as expected; a repeated gene name stays repeated (pandas would
+    rename it); a header without rows is refused by name."""
+    X, y = D.synthetic_counts(n_cells=30, n_genes=20, seed=4)
+    df = pd.DataFrame(X, index=[f"c{i}" for i in range(30)], columns=[f"g{j}" for j in range(20)])
+    df.to_csv(tmp_path / "ok.csv")
+    (tmp_path / "trail.csv").write_text("".join(line.rstrip("\n") + ",\n" for line in open(tmp_path / "ok.csv")))
+    for name, kw in (("semi.csv", dict(sep=";")), ("tab.csv", dict(sep="\t")), ("comma.tsv", {}), ("UP.CSV", {}), ("z.csv.gz", {})):
+        df.to_csv(tmp_path / name, **kw)
+    for name in ("ok.csv", "trail.csv", "semi.csv", "tab.csv", "comma.tsv", "UP.CSV", "z.csv.gz"):
+        got, rows, cols = D.read_counts(str(tmp_path / name))[0], *formats.read_table(str(tmp_path / name))[1:]
+        assert np.array_equal(got, X) and list(cols) == list(df.columns) and rows[0] == "c0", name
+    df.set_axis(["g0"] + list(df.columns[1:-1]) + ["g0"], axis=1).to_csv(tmp_path / "dup.csv")
+    assert list(formats.read_table(str(tmp_path / "dup.csv"))[2][[0, -1]]) == ["g0", "g0"]
+    df.iloc[:0].to_csv(tmp_path / "head.csv")
+    with pytest.raises(D.DataError, match="has a header line but no rows of counts"):
+        D.read_counts(str(tmp_path / "head.csv"))
+
+
+def test_names_labels_and_benchmarks_that_do_not_fit(tmp_path, monkeypatch):
+    """Integer gene names at one site and text at another are one naming; one label spelled two ways in
+    one file is refused; a two-column labels file naming no cell of the data is refused (row numbers
+    are an index); a file in $FEDSC_DATA_DIR under a benchmark's name must be that benchmark."""
+    X, y = D.synthetic_counts(n_cells=60, n_genes=40, n_types=3, seed=1)
+    a = formats.write_h5(str(tmp_path / "a.h5"), X[:30], Y=y[:30], gene_names=np.arange(40))
+    b = formats.write_h5(str(tmp_path / "b.h5"), X[30:], Y=y[30:], gene_names=[str(j) for j in range(40)])
+    assert common.setup(parse("fedsc", ["--sites", a, b, "--n-genes", "30"], tmp_path)).X.shape[0] == 60
+    spelt = np.array(["B", "NK", "T"])[y].astype(object)
+    spelt[::4] = np.where(spelt[::4] == "B", "B ", spelt[::4])
+    refused("the labels spell one type 'B' and 'B '", "fedsc",
+            ["--data", formats.write_h5(str(tmp_path / "sp.h5"), X, Y=spelt.astype("S"))], tmp_path)
+    pd.DataFrame(X, index=[f"c{i}" for i in range(60)], columns=[f"g{j}" for j in range(40)]).to_csv(tmp_path / "t.csv")
+    pd.DataFrame({"barcode": [f"c{i}-1" for i in range(60)], "t": y}).to_csv(tmp_path / "l.csv", index=False)
+    refused(r"its first column names cells \('c0-1', ...\) but none is a cell of the data \('c0'", "fedsc",
+            ["--data", str(tmp_path / "t.csv"), "--labels", str(tmp_path / "l.csv")], tmp_path)
+    pd.DataFrame({"t": y}).to_csv(tmp_path / "r.csv")  # pandas' row numbers, then the label
+    assert np.array_equal(D.read_counts(str(tmp_path / "t.csv"), labels=str(tmp_path / "r.csv"))[1], y)
+    monkeypatch.setenv("FEDSC_DATA_DIR", str(tmp_path))
+    formats.write_h5(str(tmp_path / D.BENCHMARKS["mouse_bladder"]["file"]), X, Y=y)
+    with pytest.raises(D.DataError, match="is not the benchmark's file"):
+        cli.resolve(parse("fedsc", ["--data", "mouse_bladder"], tmp_path))
+
+
 def test_special_files_and_folders_as_data(tmp_path):
     (tmp_path / "empty.h5").write_bytes(b"")
     os.mkfifo(tmp_path / "fifo.h5")
@@ -255,7 +344,15 @@ def test_special_files_and_folders_as_data(tmp_path):
     ("fedsc", "--dirichlet-alpha", "1e-10", "--dirichlet-alpha must be positive and at least 0.01")])
 def test_every_float_option_is_finite_and_in_range(name, flag, value, expect, tmp_path):
     with pytest.raises(D.DataError, match=expect):
-        cli.check_args(parse(name, [f"{flag}={value}"], tmp_path))
+        cli.check_args(parse(name, [f"{flag}={value}"] + (["--partition", "dirichlet"] if "dirichlet" in flag else []), tmp_path))
+
+
+@pytest.mark.parametrize("flags,partition", [(["--types-per-client", "2"], "iid"), (["--shuffle-classes"], "dirichlet"),
+                                             (["--dirichlet-alpha", "0.5"], "class"), (["--dirichlet-alpha", "0.5"], "iid")])
+def test_partition_options_of_another_partition_are_refused(flags, partition, tmp_path):
+    with pytest.raises(D.DataError, match="would be ignored .and recorded as if used"):
+        parse("fedsc", flags + ["--partition", partition], tmp_path)
+    parse("fedsc", flags + ["--partition", "dirichlet" if "--dirichlet-alpha" in flags else "class"], tmp_path)
 
 
 def test_data_that_cannot_be_clustered_or_queued(tmp_path):
@@ -323,6 +420,13 @@ def test_split_checks_its_input_and_says_what_partition_leaves_out(tmp_path, cap
     assert re.search(r"\d+ of 60 cells are on no site \(3 types per site, 2 sites\)", capsys.readouterr().out)
     with pytest.raises(D.DataError, match="exists: choose another --out"):
         split.split(args("types_per_client", 3, "clients", 2))
+    lone = formats.write_h5(str(tmp_path / "lone.h5"), X, Y=y, batch=np.where(np.arange(60) < 59, "a", "b"))
+    with pytest.raises(D.DataError, match="site 'b' would hold 1 cell; --sites needs at least 2 cells per site"):
+        split.split(args("data", lone, "by", "batch", "out", str(tmp_path / "lone")))
+    assert not os.path.exists(tmp_path / "lone")  # refused before anything is written
+    deep = formats.write_h5(str(tmp_path / "deep.h5"), X, Y=y, batch=np.where(np.arange(60) < 30, "x" * 300, "s"))
+    with pytest.raises(D.DataError, match="a file or folder name can have at most 255"):
+        split.split(args("data", deep, "by", "batch", "out", str(tmp_path / "deep")))
 
 
 # --------------------------------------------------------------------------------------------- the scripts' contract
