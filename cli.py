@@ -317,7 +317,7 @@ def check_out(out):
     a new or empty file, in a folder we can write to, beside a run folder (runs/) we can create."""
     if not os.path.basename(out):
         raise D.DataError(f"--out '{out}' names no file; give a CSV file path such as runs/results.csv")
-    formats.check_path_length(out + ".lock", "--out", room=300)  # its lock file and run folder fit too
+    formats.check_path_length(out, "--out", room=300)  # its temporary name, lock file and run folder fit too
     if os.path.isdir(out):
         raise D.DataError(f"--out '{out}' is a directory; give a CSV file path, e.g. {os.path.join(out, 'results.csv')}")
     if os.path.lexists(out) and not os.path.isfile(out):
@@ -375,7 +375,7 @@ def resolve(args, script=None):
         digest = file_sha256(path)
         named = D.BENCHMARKS.get(args.data, {}).get("sha256", digest)  # a benchmark by name: that very file
         check(digest == named, f"--data {args.data}: '{path}' is not the benchmark's file (sha256 {digest[:12]}..., "
-                               f"expected {named[:12]}...); move it away to download it again, or pass it by its path")
+                               f"expected {named[:12]}...); put the benchmark's own file there, or pass this one by its path")
     bench = next((b for b in D.BENCHMARKS.values() if b["sha256"] == digest), {})
     args.n_genes = args.n_genes or bench.get("n_genes", D.DEFAULT_N_GENES)
     if isinstance(args, FedArgs) and not args.types_per_client and "types_per_client" in bench:

@@ -249,19 +249,22 @@ def _data_not_names(names, header):
 def read_table(path, transpose=False):
     """A CSV/TSV table with a header row of names and a first column of names."""
     import pandas as pd
+    import csv
     import gzip
     try:
         with (gzip.open if path.lower().endswith(".gz") else open)(path, "rt", encoding="utf-8-sig", errors="replace") as f:
-            first = f.readline()  # the separator is the one the header line uses (the extension's on a tie)
-        sep = max(("," if path.lower().endswith((".csv", ".csv.gz")) else "\t", ",", "\t", ";"), key=first.count)
+            first = f.readline()
+        sep = "," if path.lower().endswith((".csv", ".csv.gz")) else "\t"
+        if sep not in first:  # the header line's separator (';', or a tab in a .csv), quotes respected
+            sep = max((sep, ",", "\t", ";"), key=lambda c: len(next(csv.reader([first], delimiter=c), [])))
         df = pd.read_csv(path, sep=sep, index_col=0)
-        header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str).iloc[0, 1:].tolist()  # names unmangled
+        header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0, 1:].tolist()
     except Exception as e:  # pandas raises many kinds; all mean "not a readable table"
         raise DataError(f"cannot read '{path}' as a table ({type(e).__name__}: {e})") from None
     if len(header) == df.shape[1]:
-        if len(header) > 1 and header[-1] != header[-1] and df.iloc[:, -1].isna().all():  # every line ends with a separator
+        if len(header) > 1 and header[-1] == "" and df.iloc[:, -1].isna().all():  # every line ends with a separator
             df, header = df.iloc[:, :-1], header[:-1]
-        df.columns = [str(h) for h in header]  # pandas renames a repeated name 'g0' to 'g0.1': keep it repeated
+        df.columns = [str(h) for h in header]  # as written: pandas renames a repeated 'g0' to 'g0.1'
     if df.shape[0] == 0:
         raise DataError(f"'{path}' has a header line but no rows of counts")
     if _data_not_names(list(df.columns), header=True):
@@ -378,7 +381,7 @@ def read_labels(path, shape=None, transpose=False, barcodes=None):
     ids = [r[0].strip() for r in rows[header:]] if width == {2} else []
     if ids and barcodes is not None and set(ids) & set(map(str, barcodes)):
         return _labels_by_name(path, ids, labels, [str(b) for b in barcodes])
-    if ids and barcodes is not None and not all(code.match(i) for i in ids):  # names, not an index (row numbers)
+    if ids and barcodes is not None and len(set(ids)) == len(ids) and not all(code.match(i) for i in ids if i):  # cell names
         raise DataError(f"labels file '{path}': its first column names cells ('{ids[0]}', ...) but none is a cell "
                         f"of the data ('{barcodes[0]}', ...); name the cells as the data does, or give one "
                         f"label per line in the order of the cells")
@@ -457,16 +460,23 @@ def check_path(path, what):
         raise DataError(f"{what} '{path}' is not readable")
 
 
+TMP_SUFFIX = ".4194304.tmp"  # the longest name write_atomic gives a file while writing it (pid_max)
+
+
 def check_path_length(path, what, room=0):
-    """A path to be written: every folder and file name at most 255 bytes, the whole at most 4096
-    (with room bytes to spare for what goes under it), so saving cannot fail on the name after training."""
-    full = os.fsencode(os.path.abspath(path))
-    long = next((p for p in full.split(b"/") if len(p) > 255), None)
+    """A path to be written (with write_atomic's temporary name): every folder and file name at most
+    255 bytes, the whole at most 4096 with room bytes to spare for what goes under it, so that saving
+    cannot fail on a name after training."""
+    parts = os.fsencode(os.path.abspath(path)).split(b"/")
+    parts[-1] += TMP_SUFFIX.encode()
+    long = next((p for p in parts if len(p) > 255), None)
     if long is not None:
-        raise DataError(f"{what} '{path}': the name '{os.fsdecode(long[:40])}...' is {len(long)} bytes; a file "
-                        f"or folder name can have at most 255")
-    if len(full) + room > 4096:
-        raise DataError(f"{what} '{path}' is {len(full)} bytes long; paths can have at most {4096 - room} here")
+        end = len(TMP_SUFFIX) if long is parts[-1] else 0
+        raise DataError(f"{what} '{path}': the name '{os.fsdecode(long[:40])}...' is {len(long) - end} bytes; a "
+                        f"{'file' if end else 'folder'} name can have at most {255 - end} here")
+    if len(b"/".join(parts)) + room > 4096:
+        raise DataError(f"{what} '{path}' is {len(os.fsencode(os.path.abspath(path)))} bytes long; paths can have "
+                        f"at most {4096 - room - len(TMP_SUFFIX)} here")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def split(a):
     stem = os.path.basename(path.rstrip(os.sep)).split(".")[0]
     outs = {name: os.path.join(a.out, f"{stem}_{name}.h5") for name in groups}
     for f in outs.values():
-        formats.check_path_length(f + ".tmp", "a site file")
+        formats.check_path_length(f, "a site file")
     taken = [f for f in outs.values() if os.path.lexists(f)]
     check(not taken, f"'{taken[0] if taken else ''}' exists: choose another --out (site files are never overwritten)")
     X = sp.csr_matrix(X)

@@ -66,10 +66,11 @@ def test_out_is_checked_whole_before_training(tmp_path):
     (tmp_path / "e" / "r.csv.lock").mkdir()
     with pytest.raises(D.DataError, match="its lock file .* is not a file"):
         cli.check_out(str(tmp_path / "e" / "r.csv"))
-    with pytest.raises(D.DataError, match="is 256 bytes; a file or folder name can have at most 255"):  # the .lock name
-        cli.check_out(str(tmp_path / ("r" * 247 + ".csv")))
-    cli.check_out(str(tmp_path / ("r" * 246 + ".csv")))
-    with pytest.raises(D.DataError, match="is 300 bytes; a file or folder name"):  # a folder name, found before training
+    with pytest.raises(D.DataError, match="is 244 bytes; a file name can have at most 243 here"):  # with '.<pid>.tmp'
+        cli.check_out(str(tmp_path / ("r" * 240 + ".csv")))
+    cli.check_out(str(tmp_path / ("r" * 239 + ".csv")))
+    runs.append_row(str(tmp_path / ("r" * 239 + ".csv")), {"config_id": "a", "run": "x"})  # and saving works
+    with pytest.raises(D.DataError, match="is 300 bytes; a folder name can have at most 255"):  # found before training
         cli.check_out(str(tmp_path / ("e" * 300) / "r.csv"))
     with pytest.raises(D.DataError, match="bytes long; paths can have at most"):  # the whole path (22 folders of 200)
         cli.check_out(os.path.join(str(tmp_path), *["f" * 200] * 22, "r.csv"))
@@ -292,6 +293,11 @@ def test_tables_by_their_content(tmp_path):
     for name in ("ok.csv", "trail.csv", "semi.csv", "tab.csv", "comma.tsv", "UP.CSV", "z.csv.gz"):
         got, rows, cols = D.read_counts(str(tmp_path / name))[0], *formats.read_table(str(tmp_path / name))[1:]
         assert np.array_equal(got, X) and list(cols) == list(df.columns) and rows[0] == "c0", name
+    (tmp_path / "semi_names.tsv").write_text("a;1\tb;2\tc;3\nc0\t1\t2\t3\nc1\t4\t5\t6\n")  # R style, ';' in names
+    got = formats.read_table(str(tmp_path / "semi_names.tsv"))
+    assert got[0].tolist() == [[1, 2, 3], [4, 5, 6]] and list(got[2]) == ["a;1", "b;2", "c;3"]
+    (tmp_path / "na.csv").write_text("cell,NA,g1,None\nc0,1,2,3\nc1,4,5,6\n")  # names that pandas reads as NaN
+    assert list(formats.read_table(str(tmp_path / "na.csv"))[2]) == ["NA", "g1", "None"]
     df.set_axis(["g0"] + list(df.columns[1:-1]) + ["g0"], axis=1).to_csv(tmp_path / "dup.csv")
     assert list(formats.read_table(str(tmp_path / "dup.csv"))[2][[0, -1]]) == ["g0", "g0"]
     df.iloc[:0].to_csv(tmp_path / "head.csv")
@@ -317,6 +323,11 @@ def test_names_labels_and_benchmarks_that_do_not_fit(tmp_path, monkeypatch):
             ["--data", str(tmp_path / "t.csv"), "--labels", str(tmp_path / "l.csv")], tmp_path)
     pd.DataFrame({"t": y}).to_csv(tmp_path / "r.csv")  # pandas' row numbers, then the label
     assert np.array_equal(D.read_counts(str(tmp_path / "t.csv"), labels=str(tmp_path / "r.csv"))[1], y)
+    pd.DataFrame({"donor": np.repeat(["d1", "d2"], 30), "t": y}).to_csv(tmp_path / "d.csv", index=False)
+    assert np.array_equal(D.read_counts(str(tmp_path / "t.csv"), labels=str(tmp_path / "d.csv"))[1], y)  # not names
+    (tmp_path / "rh.csv").write_text('"","cell.type.l2"\n' + "".join(f"{i + 1},{'BTN'[v]}\n" for i, v in enumerate(y)))
+    refused("if its first line .* is a header, pass --labels-header", "fedsc",  # R's write.csv: the hint, not names
+            ["--data", str(tmp_path / "t.csv"), "--labels", str(tmp_path / "rh.csv")], tmp_path)
     monkeypatch.setenv("FEDSC_DATA_DIR", str(tmp_path))
     formats.write_h5(str(tmp_path / D.BENCHMARKS["mouse_bladder"]["file"]), X, Y=y)
     with pytest.raises(D.DataError, match="is not the benchmark's file"):
