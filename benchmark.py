@@ -228,7 +228,7 @@ def plan(experiment, seeds):
         for ds in T1_DATASETS:
             for label, script, extra in FED:
                 for name, split in SPLITS:
-                    runs += [((label, ds, name), script, ["--data", ds, "--recipe", "tuned"] + extra + split, s)
+                    runs += [((label, ds, name), script, ["--data", ds, "--recipe", "tuned"] + with_split(extra, split), s)
                              for s in seeds]
     elif experiment == "anchor":  # the mechanisms first; the runs without are the class table's
         for name, mech in MECHANISMS + [("none", [])]:
@@ -258,6 +258,15 @@ def plan(experiment, seeds):
     else:
         raise SystemExit(f"unknown experiment '{experiment}': use {', '.join(EXPERIMENTS)}")
     return runs
+
+
+def with_split(extra, split):
+    """A run's options with a split's; --types-per-client (the class partition's) goes when the split
+    sets another partition, which refuses it."""
+    if "--partition" in split and "--types-per-client" in extra:
+        i = extra.index("--types-per-client")
+        extra = extra[:i] + extra[i + 2:]
+    return extra + split
 
 
 def applicable(script, overrides):
@@ -608,7 +617,7 @@ def split_table(df, seeds, overrides, missing):
     for label, script, extra in FED:
         line, gaps = f"| {label} | {recipe_text(script, ['--data', DATASETS[0], '--recipe', 'tuned'] + extra)} |", ""
         for ds in T1_DATASETS:
-            rr = [rows_for(df, script, ["--data", ds, "--recipe", "tuned"] + extra + split, seeds, overrides, missing)
+            rr = [rows_for(df, script, ["--data", ds, "--recipe", "tuned"] + with_split(extra, split), seeds, overrides, missing)
                   for _, split in SPLITS]
             line += "".join(f" {cell(r, 'ari')} |" for r in rr)
             non_iid, iid, one = [r["ari"].mean() if len(r) and "ari" in r else np.nan for r in rr]  # SPLITS' order

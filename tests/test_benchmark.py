@@ -165,7 +165,7 @@ def one_method_benchmark(benchmark, monkeypatch, synth):
     monkeypatch.setattr(benchmark, "T1_DATASETS", [synth])
     monkeypatch.setattr(benchmark, "DATASETS", [synth])
     monkeypatch.setattr(benchmark, "SHORT", {synth: "synth"})
-    monkeypatch.setattr(benchmark, "FED", [("FedSimCLR", "fedsimclr.py", ["--clients", "2"] + TINY)])
+    monkeypatch.setattr(benchmark, "FED", [("FedSimCLR", "fedsimclr.py", ["--clients", "2", "--types-per-client", "2"] + TINY)])
     monkeypatch.setattr(benchmark, "CENTRAL", [])
     monkeypatch.setattr(benchmark, "FED_EXACT", [])
     monkeypatch.setattr(benchmark, "CLASS_REFS", [])
