@@ -225,7 +225,8 @@ def main(argv=None):
                     continue
                 mod = __import__(script[:-3])
                 for field in mod.Args.__dataclass_fields__.values():
-                    if field.init and (field.name not in df.columns or field.name in added):  # a new option: its default
+                    new = field.name not in df.columns or field.name in added or df.loc[hit, field.name].isna().all()
+                    if field.init and new:  # a new option (no column, or none for these rows): its default
                         default = field.default_factory() if callable(field.default_factory) else field.default
                         if field.name not in df.columns:
                             df[field.name] = ""
