@@ -436,7 +436,7 @@ def test_split_checks_its_input_and_says_what_partition_leaves_out(tmp_path, cap
         split.split(args("data", lone, "by", "batch", "out", str(tmp_path / "lone")))
     assert not os.path.exists(tmp_path / "lone")  # refused before anything is written
     deep = formats.write_h5(str(tmp_path / "deep.h5"), X, Y=y, batch=np.where(np.arange(60) < 30, "x" * 300, "s"))
-    with pytest.raises(D.DataError, match="a file or folder name can have at most 255"):
+    with pytest.raises(D.DataError, match="is 308 bytes; a file name can have at most 243 here"):
         split.split(args("data", deep, "by", "batch", "out", str(tmp_path / "deep")))
 
 
