@@ -248,17 +248,17 @@ def _data_not_names(names, header):
 
 def read_table(path, transpose=False):
     """A CSV/TSV table with a header row of names and a first column of names."""
-    import pandas as pd
     import csv
     import gzip
+    import pandas as pd
     try:
         with (gzip.open if path.lower().endswith(".gz") else open)(path, "rt", encoding="utf-8-sig", errors="replace") as f:
-            first = f.readline()
+            first = next((line.rstrip("\r\n") for line in f if line.strip()), "")  # the header line, as pandas finds it
+        fields = lambda c: next(csv.reader([first], delimiter=c), [])  # its names split at c, quotes respected
         sep = "," if path.lower().endswith((".csv", ".csv.gz")) else "\t"
-        if sep not in first:  # the header line's separator (';', or a tab in a .csv), quotes respected
-            sep = max((sep, ",", "\t", ";"), key=lambda c: len(next(csv.reader([first], delimiter=c), [])))
-        df = pd.read_csv(path, sep=sep, index_col=0)
-        header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0, 1:].tolist()
+        if sep not in first:  # the header line's separator (';', or a tab in a .csv)
+            sep = max((sep, ",", "\t", ";"), key=lambda c: len(fields(c)))
+        df, header = pd.read_csv(path, sep=sep, index_col=0), fields(sep)[1:]  # the names as written
     except Exception as e:  # pandas raises many kinds; all mean "not a readable table"
         raise DataError(f"cannot read '{path}' as a table ({type(e).__name__}: {e})") from None
     if len(header) == df.shape[1]:
@@ -307,7 +307,8 @@ def check_orientation(names, path, transpose):
 
 
 def check_names(X, y, names, path):
-    """Gene names, cell names and labels must each be a list with one entry per gene / cell."""
+    """Gene names, cell names and labels must each be a list with one entry per gene / cell, and the
+    labels spell each type one way."""
     if np.ndim(X) != 2 and not sp.issparse(X):
         raise DataError(f"'{path}': counts of shape {np.shape(X)}; they must be a cells x genes matrix")
     for what, values, n, unit in (("gene names", names.get("genes"), X.shape[1], "genes"),
@@ -467,16 +468,15 @@ def check_path_length(path, what, room=0):
     """A path to be written (with write_atomic's temporary name): every folder and file name at most
     255 bytes, the whole at most 4096 with room bytes to spare for what goes under it, so that saving
     cannot fail on a name after training."""
-    parts = os.fsencode(os.path.abspath(path)).split(b"/")
-    parts[-1] += TMP_SUFFIX.encode()
-    long = next((p for p in parts if len(p) > 255), None)
-    if long is not None:
-        end = len(TMP_SUFFIX) if long is parts[-1] else 0
-        raise DataError(f"{what} '{path}': the name '{os.fsdecode(long[:40])}...' is {len(long) - end} bytes; a "
-                        f"{'file' if end else 'folder'} name can have at most {255 - end} here")
-    if len(b"/".join(parts)) + room > 4096:
-        raise DataError(f"{what} '{path}' is {len(os.fsencode(os.path.abspath(path)))} bytes long; paths can have "
-                        f"at most {4096 - room - len(TMP_SUFFIX)} here")
+    full = os.fsencode(os.path.abspath(path))
+    parts, end = full.split(b"/"), len(TMP_SUFFIX)
+    for i, part in enumerate(parts):
+        most = 255 - end if i == len(parts) - 1 else 255  # the file's name gets the temporary suffix
+        if len(part) > most:
+            raise DataError(f"{what} '{path}': the name '{os.fsdecode(part[:40])}...' is {len(part)} bytes; a "
+                            f"{'file' if most < 255 else 'folder'} name can have at most {most} here")
+    if len(full) + end + room > 4096:
+        raise DataError(f"{what} '{path}' is {len(full)} bytes long; paths can have at most {4096 - room - end} here")
 
 
 # ---------------------------------------------------------------------------------------------
