@@ -73,6 +73,21 @@ def test_records_keep_every_bit_and_shape():
     assert records.unpack(records.pack({"x": np.float64(1.5)}))["x"].shape == ()  # 0-d stays 0-d
 
 
+def test_a_message_is_few_objects_and_large_weights_go_in_chunks(monkeypatch):
+    """Every object is a request at every hop: a site's reply is the message, its record dict and one
+    record of values; weights above Flower's chunk size go as an Array (chunked), the same bits back."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    model = importlib.import_module("fedsc").make_model(20, parse("fedsc"))
+    payload = {**records.flat({key: common.weights(m) for key, m in model.items()}), "lr": 0.1, "n": 3}
+    for limit, n_objects in ((records.FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE, 2), (100, 5)):  # the message adds one
+        monkeypatch.setattr(records, "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", limit)
+        body = records.content(payload)
+        assert len(get_all_nested_objects(body)) == n_objects
+        back = records.plain(body)
+        assert back.keys() == payload.keys() and back["lr"] == 0.1 and back["n"] == 3
+        assert all(np.array_equal(back[k], payload[k].numpy()) for k in payload if k not in ("lr", "n"))
+
+
 def test_unknown_method_and_missing_repository_say_so(monkeypatch):
     with pytest.raises(records.SiteError, match="error: unknown method 'fedx'; use one of fedsimclr"):
         records.method_module("fedx")

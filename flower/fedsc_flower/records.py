@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
 
 METHODS = ("fedsimclr", "fedmoco", "fedsimsiam", "fedbyol", "fedsc")
 DEFAULTS = {  # the same as [tool.flwr.app.config] in pyproject.toml (run_simulation passes no run config)
@@ -86,21 +87,26 @@ def unflat(values):
 
 def content(payload, **records):
     """A plain dict -> the records of a message: numbers and text in 'values'; the arrays (numpy, torch) as one
-    byte string in 'arrays', with their names, dtypes and shapes in 'values' (one object to send, not one per
-    array: each object is a request at every hop)."""
+    byte string in 'values' too, with their names, dtypes and shapes (one object to send, not one per array
+    and record: each object is a request at every hop). A byte string above Flower's chunk size goes in
+    'arrays' as an Array, which Flower sends in chunks."""
     arrays = {k: v for k, v in payload.items() if isinstance(v, np.ndarray) or hasattr(v, "detach")}
     arrays = {k: v.detach().cpu().numpy() if hasattr(v, "detach") else v for k, v in arrays.items()}
     index = [[k, v.dtype.str, list(v.shape)] for k, v in arrays.items()]
     blob = b"".join(np.ascontiguousarray(v).tobytes() for v in arrays.values())
-    values = config(**{k: v for k, v in payload.items() if k not in arrays}, **{"arrays.index": json.dumps(index)})
-    return RecordDict({"arrays": ArrayRecord({"bytes": Array(np.frombuffer(blob, np.uint8))}), "values": values,
-                       **records})
+    values = {k: v for k, v in payload.items() if k not in arrays}
+    if len(blob) > FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE:
+        records["arrays"] = ArrayRecord({"bytes": Array(np.frombuffer(blob, np.uint8))})
+    else:
+        values["arrays.bytes"] = blob
+    return RecordDict({"values": config(**values, **{"arrays.index": json.dumps(index)}), **records})
 
 
 def plain(records):
     """The inverse of content: one plain dict of numpy arrays (exact: dtypes and bits are kept), numbers and text."""
     values = dict(records["values"])
-    blob, at, out = records["arrays"]["bytes"].numpy().tobytes(), 0, {}
+    blob = values.pop("arrays.bytes") if "arrays.bytes" in values else records["arrays"]["bytes"].numpy().tobytes()
+    at, out = 0, {}
     for name, dtype, shape in json.loads(values.pop("arrays.index")):
         n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         out[name] = np.frombuffer(blob[at:at + n], dtype).reshape(shape).copy()
