@@ -269,9 +269,11 @@ def with_split(extra, split):
     return extra + split
 
 
-def applicable(script, overrides):
-    """The (flag, value) pairs of overrides that this script has (e.g. --epochs is csc-only)."""
-    fields = {f"--{n.replace('_', '-')}" for n in importlib.import_module(script[:-3]).Args.__dataclass_fields__}
+def applicable(script, overrides, argv):
+    """The (flag, value) pairs of overrides that this script has and uses beside argv (e.g. --epochs: --baseline csc)."""
+    cls = importlib.import_module(script[:-3]).Args
+    unused = {f for flags, _ in cli.ignored(common.parse_args(cls, argv), cls.__dataclass_fields__) for f in flags}
+    fields = {f"--{n.replace('_', '-')}" for n in cls.__dataclass_fields__} - unused
     pairs = zip(overrides[::2], overrides[1::2])
     return [x for flag, value in pairs if flag in fields for x in (flag, value)]
 
@@ -320,7 +322,7 @@ def full_argv(exp, script, argv, seed, results, overrides):
     if os.path.abspath(out).startswith(ROOT + os.sep):  # the rows record where they went: no machine's paths
         out = os.path.relpath(out, ROOT)
     return (argv + ["--seed", str(seed), "--threads", "1", "--out", out]
-            + applicable(script, overrides))
+            + applicable(script, overrides, argv))
 
 
 def execute(experiments, seeds, jobs, results, overrides, match=()):
@@ -456,7 +458,7 @@ class Missing(list):
 def rows_for(df, script, argv, seeds, overrides, missing):
     out = []
     for s in seeds:
-        r = matching(df, resolved(script, argv + ["--seed", str(s)] + applicable(script, list(overrides))))
+        r = matching(df, resolved(script, argv + ["--seed", str(s)] + applicable(script, list(overrides), argv)))
         if len(r):
             out.append(r.iloc[[-1]])
         else:

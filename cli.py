@@ -185,18 +185,31 @@ def _parser(cls, with_defaults=True):
 
 
 SITES_IGNORE = ("data", "labels", "clients", "partition", "types_per_client", "dirichlet_alpha", "shuffle_classes")
+TRAINING = ("rounds", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "mask_rate",
+            "eval_every", "l2norm")
 UNUSED = [(lambda a: getattr(a, "sites", None), SITES_IGNORE, "--sites makes one client of each file"),
           (lambda a: getattr(a, "partition", "class") != "class", ("types_per_client", "shuffle_classes"),
            "types per client belong to --partition class"),
           (lambda a: getattr(a, "partition", "dirichlet") != "dirichlet", ("dirichlet_alpha",),
-           "--dirichlet-alpha belongs to --partition dirichlet")]  # (when, options then unused, why)
+           "--dirichlet-alpha belongs to --partition dirichlet"),
+          (lambda a: getattr(a, "method", "") == "FedPCA", TRAINING, "FedPCA trains nothing"),
+          (lambda a: getattr(a, "baseline", "csc") != "csc", ("epochs", "csc_lr", "csc_batch"),
+           "these options belong to --baseline csc"),
+          (lambda a: getattr(a, "baseline", "pca") != "pca", ("n_components",),
+           "--n-components belongs to --baseline pca")]  # (when, options then unused, why)
 RECORDED_WHEN_GIVEN = ("labels_header",)  # options newer than the results: rows of runs without them still match
+
+
+def ignored(args, given):
+    """[(flags, why)]: for each UNUSED rule that holds for args, the options among `given` it makes unused."""
+    return [(flags, why) for when, keys, why in UNUSED
+            if when(args) and (flags := [f"--{k.replace('_', '-')}" for k in keys if k in given])]
 
 
 def parse_args(cls, argv=None):
     """The dataclass from the command line. With --recipe tuned, the method's tuned values from
     recipes.json replace the defaults of the options they name, unless given explicitly. Options
-    that --sites makes meaningless are refused when given with it."""
+    that other options make meaningless (UNUSED: --sites, the partition, the baseline) are refused."""
     given_twice = [a for a in (sys.argv[1:] if argv is None else argv) if a.split("=")[0] == "--sites"][1:]
     check(not given_twice, "--sites is given twice: the second list would silently replace the first; "
                            "give every site file after one --sites")
@@ -206,10 +219,9 @@ def parse_args(cls, argv=None):
     for k in RECORDED_WHEN_GIVEN:
         if k not in given:
             vars(args).pop(k, None)  # the class default still answers args.<k>
-    for when, keys, why in UNUSED:
-        ignored = [f"--{k.replace('_', '-')}" for k in keys if k in given and when(args)]
-        check(not ignored, f"{why}, so {', '.join(ignored)} would be ignored (and recorded as if used): "
-                           f"drop {'it' if len(ignored) == 1 else 'them'}")
+    for flags, why in ignored(args, given):
+        check(False, f"{why}, so {', '.join(flags)} would be ignored (and recorded as if used): "
+                     f"drop {'it' if len(flags) == 1 else 'them'}")
     if getattr(args, "recipe", "paper") == "tuned":
         recipe = tuned_recipe(args.method)
         for k, v in recipe.items():

@@ -19,9 +19,9 @@ import numpy as np
 class Args(common.FedArgs):
     """FedPCA on scRNA-seq counts: PCA of the clients' cells from per-site sums, then KMeans.
     Nothing is trained: --rounds, --local-epochs, --batch-size, --lr, --momentum, --weight-decay,
-    --lr-schedule, --mask-rate, --eval-every and --threads are unused, and so is --l2norm (as in
-    centralized.py --baseline pca, KMeans gets the projections as they are). --embed and --bn-stats
-    describe an encoder: other values than their defaults are refused."""
+    --lr-schedule, --mask-rate and --eval-every are refused, and so is --l2norm (as in centralized.py
+    --baseline pca, KMeans gets the projections as they are). --embed and --bn-stats describe an
+    encoder: other values than their defaults are refused."""
     # METHOD: the projection
     n_components: int = 50
     """principal components kept (at most the number of genes)"""

@@ -355,7 +355,8 @@ def test_special_files_and_folders_as_data(tmp_path):
     ("fedsc", "--dirichlet-alpha", "1e-10", "--dirichlet-alpha must be positive and at least 0.01")])
 def test_every_float_option_is_finite_and_in_range(name, flag, value, expect, tmp_path):
     with pytest.raises(D.DataError, match=expect):
-        cli.check_args(parse(name, [f"{flag}={value}"] + (["--partition", "dirichlet"] if "dirichlet" in flag else []), tmp_path))
+        cli.check_args(parse(name, [f"{flag}={value}"] + (["--partition", "dirichlet"] if "dirichlet" in flag else [])
+                             + (["--baseline", "csc"] if "csc" in flag else []), tmp_path))
 
 
 @pytest.mark.parametrize("flags,partition", [(["--types-per-client", "2"], "iid"), (["--shuffle-classes"], "dirichlet"),
@@ -364,6 +365,20 @@ def test_partition_options_of_another_partition_are_refused(flags, partition, tm
     with pytest.raises(D.DataError, match="would be ignored .and recorded as if used"):
         parse("fedsc", flags + ["--partition", partition], tmp_path)
     parse("fedsc", flags + ["--partition", "dirichlet" if "--dirichlet-alpha" in flags else "class"], tmp_path)
+
+
+@pytest.mark.parametrize("name,flags,fine", [
+    ("fedpca", ["--lr", "0.1"], []), ("fedpca", ["--rounds", "5", "--no-l2norm"], []),
+    ("centralized", ["--epochs", "5"], ["--baseline", "csc"]), ("centralized", ["--csc-batch", "64"], ["--baseline", "csc"]),
+    ("centralized", ["--n-components", "20"], ["--baseline", "pca"])])
+def test_options_a_script_or_baseline_does_not_use_are_refused(name, flags, fine, tmp_path):
+    """FedPCA trains nothing; --epochs and --csc-* are contrastive-sc's, --n-components PCA-50's: given where
+    unused they would be recorded in the row as if they had been used."""
+    other = ["--baseline", "pca_raw"] if name == "centralized" else []
+    with pytest.raises(D.DataError, match=f"so {flags[0]}.* would be ignored .and recorded as if used"):
+        parse(name, flags + other, tmp_path)
+    if fine:
+        parse(name, flags + fine, tmp_path)
 
 
 def test_data_that_cannot_be_clustered_or_queued(tmp_path):
