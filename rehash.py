@@ -129,11 +129,12 @@ def fingerprint(tree, runs, inputs, work, jobs=2):
 
 def cached_fingerprint(commit, tree, runs, inputs, work, jobs):
     """fingerprint() of a tree's code, kept in results/logs/rehash/, keyed by the scripts' code hashes,
-    the torch version and the suite's inputs: a second re-stamp against the same code reruns nothing."""
+    the torch version, the suite's runs (names and arguments) and inputs: a second re-stamp against the
+    same code reruns nothing."""
     import torch
     import runs as R
     code = {s: R.code_hash(os.path.join(tree, s)) for s in SCRIPTS if os.path.exists(os.path.join(tree, s))}
-    key = hashlib.sha256(json.dumps([code, torch.__version__, sorted(r[0] for r in runs),
+    key = hashlib.sha256(json.dumps([code, torch.__version__, sorted(map(list, runs)),
                                      {k: _sha(v) for k, v in sorted(inputs.items())},
                                      os.environ.get("FEDSC_DATA_DIR", "./data")]).encode()).hexdigest()[:16]
     path = os.path.join(ROOT, "results", "logs", "rehash", f"{commit}-{key}.json")
