@@ -196,7 +196,10 @@ UNUSED = [(lambda a: getattr(a, "sites", None), SITES_IGNORE, "--sites makes one
           (lambda a: getattr(a, "baseline", "csc") != "csc", ("epochs", "csc_lr", "csc_batch"),
            "these options belong to --baseline csc"),
           (lambda a: getattr(a, "baseline", "pca") != "pca", ("n_components",),
-           "--n-components belongs to --baseline pca")]  # (when, options then unused, why)
+           "--n-components belongs to --baseline pca"),
+          (lambda a: getattr(a, "no_ema", False), ("tau", "tau_schedule"), "--no-ema leaves no target to average"),
+          (lambda a: getattr(a, "no_predictor", False), ("predictor",), "--no-predictor leaves no predictor")]
+# (when, options then unused, why)
 RECORDED_WHEN_GIVEN = ("labels_header",)  # options newer than the results: rows of runs without them still match
 
 

@@ -370,10 +370,12 @@ def test_partition_options_of_another_partition_are_refused(flags, partition, tm
 @pytest.mark.parametrize("name,flags,fine", [
     ("fedpca", ["--lr", "0.1"], []), ("fedpca", ["--rounds", "5", "--no-l2norm"], []),
     ("centralized", ["--epochs", "5"], ["--baseline", "csc"]), ("centralized", ["--csc-batch", "64"], ["--baseline", "csc"]),
-    ("centralized", ["--n-components", "20"], ["--baseline", "pca"])])
+    ("centralized", ["--n-components", "20"], ["--baseline", "pca"]),
+    ("fedbyol", ["--tau", "0.9", "--no-ema"], []), ("fedbyol", ["--tau-schedule", "cosine", "--no-ema"], ["--tau-schedule", "cosine"]),
+    ("fedbyol", ["--predictor", "mlp", "--no-predictor"], ["--predictor", "mlp"])])
 def test_options_a_script_or_baseline_does_not_use_are_refused(name, flags, fine, tmp_path):
-    """FedPCA trains nothing; --epochs and --csc-* are contrastive-sc's, --n-components PCA-50's: given where
-    unused they would be recorded in the row as if they had been used."""
+    """FedPCA trains nothing; --epochs and --csc-* are contrastive-sc's, --n-components PCA-50's; --no-ema has
+    no tau, --no-predictor no predictor: given where unused they would be recorded in the row as if used."""
     other = ["--baseline", "pca_raw"] if name == "centralized" else []
     with pytest.raises(D.DataError, match=f"so {flags[0]}.* would be ignored .and recorded as if used"):
         parse(name, flags + other, tmp_path)
