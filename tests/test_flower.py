@@ -88,6 +88,20 @@ def test_a_message_is_few_objects_and_large_weights_go_in_chunks(monkeypatch):
         assert all(np.array_equal(back[k], payload[k].numpy()) for k in payload if k not in ("lr", "n"))
 
 
+def test_simulation_refuses_a_file_under_a_benchmark_name_that_is_not_it():
+    """As cli.resolve in process: the SuperNodes' file under a benchmark's name must be that benchmark."""
+    from fedsc_flower import server_app
+    hello = lambda order, sha: {"name": "", "order": order, "sha256": sha, "genes": None, "parts": 2}  # noqa: E731
+    real = D.BENCHMARKS["10X_PBMC"]["sha256"]
+    args = parse("fedsc", ["--data", "10X_PBMC"])
+    with pytest.raises(records.SiteError, match="--data 10X_PBMC: the SuperNodes' file is not the benchmark's"):
+        server_app.match_sites(None, args, [hello(0, "0" * 64), hello(1, "0" * 64)])
+    with pytest.raises(records.SiteError, match="read different files"):
+        server_app.match_sites(None, args, [hello(0, real), hello(1, "0" * 64)])
+    server_app.match_sites(None, args, [hello(0, real), hello(1, real)])
+    assert args.n_genes == D.BENCHMARKS["10X_PBMC"]["n_genes"] and args.data_sha256 == real[:16]
+
+
 def test_unknown_method_and_missing_repository_say_so(monkeypatch):
     with pytest.raises(records.SiteError, match="error: unknown method 'fedx'; use one of fedsimclr"):
         records.method_module("fedx")
