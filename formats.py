@@ -72,9 +72,25 @@ def _h5ad_values(node):
     raise DataError(f"'{node.name}' is stored as '{enc or 'a group'}', which is not a column of values")
 
 
+def _compound(node):
+    """An obs or var of anndata < 0.7: one table (an HDF5 compound dataset) rather than a group of columns."""
+    import h5py
+    return isinstance(node, h5py.Dataset) and node.dtype.names is not None
+
+
 def _h5ad_column(f, key):
-    """An obs column of an .h5ad file: plain, nullable or categorical (anndata >= 0.8 or < 0.8)."""
+    """An obs column of an .h5ad file: plain, nullable or categorical (anndata >= 0.8, < 0.8, < 0.7)."""
     obs = f["obs"]
+    if _compound(obs):  # anndata < 0.7: categoricals are codes, their names in uns/<key>_categories
+        if key not in obs.dtype.names:
+            raise DataError(f"obs has no column '{key}'; columns are: {', '.join(n for n in obs.dtype.names if n != 'index')}")
+        values, cats = _decode(obs.fields(key)[()]), f.get(f"uns/{key}_categories")
+        if cats is None:
+            return values
+        cats, codes = _decode(cats[()]).astype(object), np.asarray(values).astype(int)
+        if len(codes) and codes.max() >= len(cats):
+            raise DataError(f"obs column '{key}': codes go up to {codes.max()} but there are {len(cats)} categories")
+        return np.where(codes >= 0, cats[np.maximum(codes, 0)], None)
     if key not in obs:
         cols = [k for k in obs.keys() if not k.startswith("_")]
         raise DataError(f"obs has no column '{key}'; columns are: {', '.join(cols)}")
@@ -201,6 +217,10 @@ def _read_h5(f, path, label_key, layer, names):
         others = [f"layers/{k}" for k in f.get("layers", {}).keys()] + (["raw/X"] if "raw" in f else [])
         var = f["raw"]["var"] if layer == "raw" and "var" in f["raw"] else f.get("var")
         for ours, group in (("genes", var), ("barcodes", f["obs"])):
+            if group is not None and _compound(group):
+                if "index" in group.dtype.names:
+                    names[ours] = _decode(group.fields("index")[()])
+                continue
             index = group.attrs.get("_index", "_index") if group is not None else None
             if group is not None and index in group and isinstance(group[index], h5py.Dataset):
                 names[ours] = _decode(group[index][()])

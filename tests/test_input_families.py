@@ -477,3 +477,28 @@ def test_scripts_end_bad_input_with_one_error_line_and_no_row(tmp_path):
         assert expect in p.stderr and "Traceback" not in p.stderr and "usage:" not in p.stderr
     assert out.read_text() == "config_id,run\na,x\nb,y,z\n" and not os.path.exists(tmp_path / "new")
     assert not os.path.exists(tmp_path / "o" / "runs")
+
+
+def test_old_anndata_with_table_obs_and_var(tmp_path):
+    """anndata < 0.7 wrote obs and var as one compound table each (a field 'index' with the names, codes
+    of categoricals with their names in uns/<key>_categories): read as the newer layouts are."""
+    n, g = 60, 30
+    obs = np.zeros(n, dtype=[("index", "S10"), ("cell_type", "S5"), ("coded", "i1")])
+    obs["index"] = [f"c{i}".encode() for i in range(n)]
+    obs["cell_type"] = [b"A" if i % 2 else b"B" for i in range(n)]
+    obs["coded"] = [i % 3 for i in range(n)]
+    var = np.zeros(g, dtype=[("index", "S10")])
+    var["index"] = [f"g{i}".encode() for i in range(g)]
+    path = str(tmp_path / "old.h5ad")
+    with h5py.File(path, "w") as f:
+        f["X"], f["obs"], f["var"] = np.random.default_rng(0).poisson(1, (n, g)).astype(np.float32), obs, var
+        f["uns/coded_categories"] = np.array([b"T", b"B", b"NK"])
+    found = {}
+    X, y, names, _ = D.read_counts(path, "cell_type", None, False, None, found)
+    assert X.shape == (n, g) and list(names[y][:2]) == ["B", "A"]
+    assert list(found["genes"][:2]) == ["g0", "g1"] and list(found["barcodes"][:2]) == ["c0", "c1"]
+    _, y, names, _ = D.read_counts(path, "coded", None, False, None, {})
+    assert list(names[y][:3]) == ["T", "B", "NK"]
+    assert list(formats.read_column(path, "coded")[:3]) == ["T", "B", "NK"]
+    with pytest.raises(D.DataError, match="obs has no column 'donor'; columns are: cell_type, coded"):
+        D.read_counts(path, "donor", None, False, None, {})
