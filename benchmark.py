@@ -456,9 +456,9 @@ class Missing(list):
 
 
 def rows_for(df, script, argv, seeds, overrides, missing):
-    out = []
+    out, extra = [], applicable(script, list(overrides), argv)
     for s in seeds:
-        r = matching(df, resolved(script, argv + ["--seed", str(s)] + applicable(script, list(overrides), argv)))
+        r = matching(df, resolved(script, argv + ["--seed", str(s)] + extra))
         if len(r):
             out.append(r.iloc[[-1]])
         else:
@@ -733,8 +733,10 @@ def provenance(df):
     """Which data, code commits and machine the rows come from, and how long their runs took."""
     commits = ", ".join(f"`{c}`" for c in sorted(set(df["commit"].astype(str)))) if "commit" in df else "unknown"
     files = ", ".join(f"`{b['file']}` (sha256 {b['sha256'][:12]}…)" for b in D.BENCHMARKS.values())
+    threads = sorted(set(pd.to_numeric(df["threads"], errors="coerce").dropna().astype(int))) if "threads" in df else [1]
+    each = "one torch thread each" if threads == [1] else f"torch threads per run: {', '.join(map(str, threads))}"
     return (f"Data: {files}. Code: commit {commits}. Runs: {len(df)} in {df['seconds'].sum() / 3600:.1f} CPU-hours "
-            f"(sum of per-run wall times, one torch thread each, {platform.machine()}, "
+            f"(sum of per-run wall times, {each}, {platform.machine()}, "
             f"torch {df['torch'].iloc[0] if 'torch' in df and len(df) else '?'}).")
 
 

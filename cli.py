@@ -37,6 +37,7 @@ import argparse  # noqa: E402 (after the handlers: a Ctrl-C from the first impor
 import ast  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import hashlib  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
@@ -143,8 +144,9 @@ class FedArgs(DataArgs):
     """pooled: KMeans and metrics on every cell's embedding in one place (the paper); federated: each site embeds its own cells, KMeans and ARI/NMI/CH from per-site sums, silhouette simplified (centroid-based); cells on no client are not evaluated; both: pooled, plus the federated metrics as fed_* columns (a simulation's comparison)"""
 
 
+@functools.lru_cache(maxsize=None)
 def _field_docs(cls):
-    """Docstrings written under dataclass fields (the cleanrl/tyro convention)."""
+    """Docstrings written under dataclass fields (the cleanrl/tyro convention); read once per class."""
     docs = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
@@ -371,6 +373,23 @@ def file_sha256(path):
     return _SHA256[key]
 
 
+def check_benchmark(name, digest, what):
+    """A benchmark given by name must be that very file (sha256); any other name passes."""
+    named = D.BENCHMARKS.get(str(name), {}).get("sha256", digest)
+    check(digest == named, f"--data {name}: {what} is not the benchmark's file (sha256 {digest[:12]}..., "
+                           f"expected {named[:12]}...); put the benchmark's own file there, or pass this one by its path")
+
+
+def benchmark_defaults(args, digest):
+    """The data's sha256 in the row; a benchmark's file (by name or path) brings its --n-genes and
+    --types-per-client where they are 0."""
+    bench = next((b for b in D.BENCHMARKS.values() if b["sha256"] == digest), {})
+    args.n_genes = args.n_genes or bench.get("n_genes", D.DEFAULT_N_GENES)
+    if isinstance(args, FedArgs) and not args.types_per_client and "types_per_client" in bench:
+        args.types_per_client = bench["types_per_client"]
+    args.data_sha256 = digest[:16]
+
+
 def resolve(args, script=None):
     """Fill in what a run's row must record: dataset defaults (0 = the benchmark's value; a
     benchmark given by path is recognised by its sha256), the data file's sha256 and the code hash."""
@@ -388,14 +407,8 @@ def resolve(args, script=None):
         path = D.resolve_data(args.data)
         formats.check_path(path, "--data")
         digest = file_sha256(path)
-        named = D.BENCHMARKS.get(args.data, {}).get("sha256", digest)  # a benchmark by name: that very file
-        check(digest == named, f"--data {args.data}: '{path}' is not the benchmark's file (sha256 {digest[:12]}..., "
-                               f"expected {named[:12]}...); put the benchmark's own file there, or pass this one by its path")
-    bench = next((b for b in D.BENCHMARKS.values() if b["sha256"] == digest), {})
-    args.n_genes = args.n_genes or bench.get("n_genes", D.DEFAULT_N_GENES)
-    if isinstance(args, FedArgs) and not args.types_per_client and "types_per_client" in bench:
-        args.types_per_client = bench["types_per_client"]
-    args.data_sha256 = digest[:16]
+        check_benchmark(args.data, digest, f"'{path}'")
+    benchmark_defaults(args, digest)
     args.code = runs.code_hash(script or sys.modules[type(args).__module__].__file__)  # the method's file
     return args
 

@@ -134,9 +134,9 @@ def weights(module):
 
 @torch.no_grad()
 def ema_(target, online, tau):
-    """target <- tau * target + (1 - tau) * online, parameter by parameter (BN buffers untouched)."""
-    for t, o in zip(target.parameters(), online.parameters()):
-        t.lerp_(o, 1 - tau)
+    """target <- tau * target + (1 - tau) * online for every parameter (BN buffers untouched), in one
+    foreach call: the same numbers as a loop of t.lerp_(o, 1 - tau), fewer kernel launches per step."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - tau)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,13 +63,18 @@ def _h5ad_values(node):
     enc = node.attrs.get("encoding-type", "")
     enc = enc.decode() if isinstance(enc, bytes) else str(enc)
     if enc == "categorical" or {"codes", "categories"} <= set(node.keys()):
-        codes, cats = node["codes"][()], _h5ad_values(node["categories"])
-        if len(codes) and codes.max() >= len(cats):
-            raise DataError(f"'{node.name}': category codes go up to {codes.max()} but there are {len(cats)} categories")
-        return np.where(codes >= 0, cats.astype(object)[np.maximum(codes, 0)], None)
+        return _named(node["codes"][()], _h5ad_values(node["categories"]), f"'{node.name}'")
     if {"values", "mask"} <= set(node.keys()):  # nullable-integer, nullable-boolean, nullable-string-array
         return np.where(node["mask"][()], None, _decode(node["values"][()]).astype(object))
     raise DataError(f"'{node.name}' is stored as '{enc or 'a group'}', which is not a column of values")
+
+
+def _named(codes, cats, what):
+    """Categorical codes as their names (a negative code is a missing value, None)."""
+    codes, cats = np.asarray(codes).astype(int), np.asarray(cats).astype(object)
+    if len(codes) and codes.max() >= len(cats):
+        raise DataError(f"{what}: category codes go up to {codes.max()} but there are {len(cats)} categories")
+    return np.where(codes >= 0, cats[np.maximum(codes, 0)], None)
 
 
 def _compound(node):
@@ -85,22 +90,13 @@ def _h5ad_column(f, key):
         if key not in obs.dtype.names:
             raise DataError(f"obs has no column '{key}'; columns are: {', '.join(n for n in obs.dtype.names if n != 'index')}")
         values, cats = _decode(obs.fields(key)[()]), f.get(f"uns/{key}_categories")
-        if cats is None:
-            return values
-        cats, codes = _decode(cats[()]).astype(object), np.asarray(values).astype(int)
-        if len(codes) and codes.max() >= len(cats):
-            raise DataError(f"obs column '{key}': codes go up to {codes.max()} but there are {len(cats)} categories")
-        return np.where(codes >= 0, cats[np.maximum(codes, 0)], None)
+        return values if cats is None else _named(values, _decode(cats[()]), f"obs column '{key}'")
     if key not in obs:
         cols = [k for k in obs.keys() if not k.startswith("_")]
         raise DataError(f"obs has no column '{key}'; columns are: {', '.join(cols)}")
     values = _h5ad_values(obs[key])
     if "__categories" in obs and key in obs["__categories"]:  # anndata < 0.8 categorical
-        cats = _decode(obs["__categories"][key][()]).astype(object)
-        codes = np.asarray(values).astype(int)
-        if len(codes) and codes.max() >= len(cats):
-            raise DataError(f"obs column '{key}': codes go up to {codes.max()} but there are {len(cats)} categories")
-        return np.where(codes >= 0, cats[np.maximum(codes, 0)], None)
+        return _named(values, _decode(obs["__categories"][key][()]), f"obs column '{key}'")
     return values
 
 

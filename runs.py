@@ -187,6 +187,18 @@ def run_folder(args, staged=False):
                             suffix=".partial" if staged else "", dir=runs)
 
 
+_IMPORTS = {}  # (path, sha256 of its text) -> the modules it imports: parsed once per version of a file
+
+
+def _imports(path, text):
+    key = (path, hashlib.sha256(text).hexdigest())
+    if key not in _IMPORTS:
+        _IMPORTS[key] = [n.split(".")[0] for node in ast.walk(ast.parse(text))
+                         for n in ([a.name for a in node.names] if isinstance(node, ast.Import)
+                                   else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])]
+    return _IMPORTS[key]
+
+
 def code_hash(script):
     """sha256 (12 hex digits) of a script and of every module of its folder that it imports,
     transitively: a results row is reused only while the code that produced it is unchanged."""
@@ -196,10 +208,7 @@ def code_hash(script):
         if path in seen:
             continue
         seen[path] = open(path, "rb").read()
-        for node in ast.walk(ast.parse(seen[path])):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-            todo += [p for p in (os.path.join(folder, n.split(".")[0] + ".py") for n in names) if os.path.exists(p)]
+        todo += [p for p in (os.path.join(folder, n + ".py") for n in _imports(path, seen[path])) if os.path.exists(p)]
     h = hashlib.sha256()
     for path in sorted(seen):
         h.update(os.path.basename(path).encode() + b"\0" + seen[path])

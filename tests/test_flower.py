@@ -94,7 +94,7 @@ def test_simulation_refuses_a_file_under_a_benchmark_name_that_is_not_it():
     hello = lambda order, sha: {"name": "", "order": order, "sha256": sha, "genes": None, "parts": 2}  # noqa: E731
     real = D.BENCHMARKS["10X_PBMC"]["sha256"]
     args = parse("fedsc", ["--data", "10X_PBMC"])
-    with pytest.raises(records.SiteError, match="--data 10X_PBMC: the SuperNodes' file is not the benchmark's"):
+    with pytest.raises(D.DataError, match="--data 10X_PBMC: the SuperNodes' file is not the benchmark's file"):
         server_app.match_sites(None, args, [hello(0, "0" * 64), hello(1, "0" * 64)])
     with pytest.raises(records.SiteError, match="read different files"):
         server_app.match_sites(None, args, [hello(0, real), hello(1, "0" * 64)])

@@ -112,15 +112,8 @@ def match_sites(sites, args, hello):
         digest = hello[0]["sha256"]
         if any(h["sha256"] != digest for h in hello):
             raise SiteError(f"the SuperNodes read different files under --data {args.data}; give every one the same file")
-        named = D.BENCHMARKS.get(str(args.data), {}).get("sha256", digest)  # a benchmark by name: that very file
-        if digest != named:
-            raise SiteError(f"--data {args.data}: the SuperNodes' file is not the benchmark's (sha256 {digest[:12]}..., "
-                            f"expected {named[:12]}...); put the benchmark's own file there, or pass this one by its path")
-        bench = next((b for b in D.BENCHMARKS.values() if b["sha256"] == digest), {})
-        args.n_genes = args.n_genes or bench.get("n_genes", D.DEFAULT_N_GENES)
-        if not args.types_per_client and "types_per_client" in bench:
-            args.types_per_client = bench["types_per_client"]
-        args.data_sha256 = digest[:16]
+        cli.check_benchmark(args.data, digest, "the SuperNodes' file")  # as cli.resolve in process
+        cli.benchmark_defaults(args, digest)
         return None
     import hashlib
     args.sites = [h["name"] for h in hello]
