@@ -24,6 +24,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -358,11 +359,16 @@ def to_do(exp, seeds, results, overrides, match=()):
     return todo, skipped
 
 
-def run_cost(script, args, known):
-    """Estimated seconds of one run (one torch thread) from the finished rows of the same method and
-    data (and baseline): their median seconds per round x local epoch, times this run's rounds x local
-    epochs; for a centralized baseline, their median seconds."""
+def run_cost(script, args, known, q=0.5):
+    """Estimated seconds of one run (one torch thread) from the finished one-thread rows (not diverged) of the same
+    method and data (and baseline): the q-quantile of their seconds per round x local epoch (the
+    median; q = 0: the fastest, as on a quiet machine), times this run's rounds x local epochs; for a
+    centralized baseline, the q-quantile of their seconds."""
     same = known[(known.get("method", "") == args.method) & (known.get("data", "") == args.data)]
+    if "threads" in same:
+        same = same[pd.to_numeric(same["threads"], errors="coerce") == 1]
+    if "status" in same:  # a diverged run stops early
+        same = same[same["status"].fillna("ok").astype(str) == "ok"]
     if "baseline" in vars(args):
         same = same[same.get("baseline", pd.Series("", index=same.index)).astype(str) == args.baseline]
     if not len(same):
@@ -370,26 +376,36 @@ def run_cost(script, args, known):
     if hasattr(args, "rounds") and "rounds" in same:
         work = pd.to_numeric(same["rounds"], errors="coerce") * pd.to_numeric(same["local_epochs"], errors="coerce")
         per = (same["seconds"] / work).dropna()
-        return float(per.median() * args.rounds * args.local_epochs) if len(per) else np.nan
-    return float(same["seconds"].median())
+        return float(per.quantile(q) * args.rounds * args.local_epochs) if len(per) else np.nan
+    return float(same["seconds"].quantile(q))
 
 
 def cost(exp, todo, known):
-    """Print and return the estimated CPU seconds of an experiment's runs still to do."""
-    secs = [run_cost(t[1], t[5], known) if len(known) else np.nan for t in todo]
-    unknown = int(np.isnan(secs).sum())
-    est = float(np.nansum(secs)) + 60 * unknown  # a run of unknown cost: a minute
-    print(f"plan: {exp}: {len(todo)} runs to do, ~{est / 3600:.1f} CPU-hours"
+    """Print and return the estimated CPU seconds of an experiment's runs still to do: from the rows'
+    median timings, and from their fastest (a quiet machine)."""
+    out = []
+    for q in (0.5, 0.0):
+        secs = [run_cost(t[1], t[5], known, q) if len(known) else np.nan for t in todo]
+        unknown = int(np.isnan(secs).sum())
+        out.append(float(np.nansum(secs)) + 60 * unknown)  # a run of unknown cost: a minute
+    print(f"plan: {exp}: {len(todo)} runs to do, ~{out[0] / 3600:.1f} CPU-hours (~{out[1] / 3600:.1f} at the fastest timings)"
           + (f" ({unknown} without a timing, counted as a minute)" if unknown else ""), flush=True)
-    return est
+    return np.array(out)
 
 
-def estimate(experiments, seeds, jobs, results, overrides, match=()):
-    """--plan: per experiment, the runs still to do and their estimated cost from the rows' timings."""
-    known = all_rows(results)
-    total = sum(cost(exp, to_do(exp, seeds, results, overrides, match)[0], known) for exp in experiments)
-    print(f"plan: in all ~{total / 3600:.1f} CPU-hours, ~{total / 3600 / jobs:.1f} h of wall time with {jobs} jobs "
-          f"(from the timings of the finished rows)", flush=True)
+def estimate(experiments, seeds, jobs, results, overrides, match=(), scratch=False):
+    """--plan: per experiment, the runs still to do (with scratch: every run, as in a new results
+    folder) and their estimated cost from the rows' timings; a run whose row an experiment reads from
+    another's (SHARED_ROWS) counts once."""
+    known, planned, total = all_rows(results), {}, np.zeros(2)
+    with tempfile.TemporaryDirectory() as empty:
+        for exp in experiments:
+            shared = {c for e in SHARED_ROWS.get(exp, []) for c in planned.get(e, ())}
+            todo = [t for t in to_do(exp, seeds, empty if scratch else results, overrides, match)[0] if t[4] not in shared]
+            planned[exp] = {t[4] for t in todo}
+            total += cost(exp, todo, known)
+    print(f"plan: in all ~{total[0] / 3600:.1f} CPU-hours, ~{total[0] / 3600 / jobs:.1f} h of wall time with {jobs} jobs "
+          f"from the finished rows' median timings; ~{total[1] / 3600 / jobs:.1f} h from their fastest", flush=True)
 
 
 def _interrupt(signum, frame):
@@ -901,10 +917,12 @@ def main():
     if sys.argv[1:2] == ["readme"]:  # the README's reading-order and first-run blocks
         import readme
         sys.exit(readme.main(sys.argv[2:]))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiments", nargs="*", default=["class"],
                    help=" ".join(EXPERIMENTS) + "; paper = " + " ".join(GROUPS["paper"]) + " (default: class)")
     p.add_argument("--plan", action="store_true", help="print what would run and its estimated cost, run nothing")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="with --plan: the cost of every run, as if no row existed (a new results folder)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each")
     p.add_argument("--quick", action="store_true",
@@ -916,6 +934,8 @@ def main():
                    help="run only the runs whose command contains this text, e.g. '--recipe tuned' or 'fedsc.py'; "
                         "repeated, every text must occur (tables are built from all rows)")
     a = p.parse_args()
+    if a.from_scratch and not a.plan:
+        p.error("--from-scratch goes with --plan (a run from scratch: --results with a new folder)")
     if a.jobs < 1:
         p.error(f"--jobs must be at least 1, got {a.jobs}")
     a.experiments = [x for e in a.experiments for x in GROUPS.get(e, [e])]
@@ -929,7 +949,7 @@ def main():
     experiments = [e for e in EXPERIMENTS if e in a.experiments]  # tune before the tables that use it
     with common.user_errors():
         if a.plan:
-            estimate(experiments, a.seeds, a.jobs, results, overrides, a.match)
+            estimate(experiments, a.seeds, a.jobs, results, overrides, a.match, a.from_scratch)
             return
         failed = 0 if a.tables_only else execute(experiments, a.seeds, a.jobs, results, overrides, a.match)
         publish = not a.quick and results == os.path.join(ROOT, "results") and a.seeds == [0, 1, 2]

@@ -61,7 +61,8 @@ def draw(panels, path):
 
 
 def main(argv):
-    p = argparse.ArgumentParser(prog="benchmark.py map", description=__doc__)
+    import cli  # its Parser: an argument error is one `error:` line
+    p = cli.Parser(prog="benchmark.py map", description=__doc__)
     p.add_argument("--jobs", type=int, default=2)
     a = p.parse_args(argv)
     import benchmark

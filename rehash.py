@@ -176,7 +176,8 @@ def git(*a, cwd=ROOT):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    import cli  # its Parser: an argument error is one `error:` line
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="HEAD~1", help="the commit whose code the rows to re-stamp carry (default: the one before HEAD)")
     p.add_argument("--suite", choices=("full", "quick"), default="full")
     p.add_argument("--results", default=os.path.join(ROOT, "results"))

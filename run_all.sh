@@ -5,7 +5,8 @@
 #                                         # references, 3 datasets x 3 seeds, 2 runs at a time
 #   bash run_all.sh paper                 # the paper's protocol: Table 1's paper-recipe rows, Tables 2
 #                                         # (also at FedBYOL's tuned recipe) and 3, Figure 3
-#                                         # (`bash run_all.sh paper --plan`: its cost)
+#                                         # (`bash run_all.sh paper --plan --from-scratch`: its
+#                                         # cost in a new results folder)
 #   bash run_all.sh tune table1           # the tuning grid on 10X PBMC (writes recipes.json), then Table 1
 #   bash run_all.sh mu split federated    # FedSC's download rules; what the split costs; pooled vs federated
 #   bash run_all.sh anchor fast           # the PCA anchor for every method; the fast option --one-pass

@@ -136,7 +136,8 @@ def table(rows, command, wall):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    import cli  # its Parser: an argument error is one `error:` line
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[10000, 30000, 100000])
     p.add_argument("--genes", type=int, default=20000)
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON

@@ -166,7 +166,7 @@ def step_variants(n_genes, n_cells=1068, epochs=2, repeats=3):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=20)
     a = p.parse_args()
     args1, data = fedsc_setup(a.rounds, 1)

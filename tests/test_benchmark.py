@@ -143,6 +143,30 @@ def test_benchmark_reruns_only_rows_whose_code_changed(synth, tmp_path, monkeypa
     assert "table3: 1 runs to do, 0 already have a row" in capsys.readouterr().out
     assert benchmark.execute(["table3"], [2], 2, res, [], match=["fedsimclr.py", "--recipe tuned"]) == 0
     assert "table3: 0 runs to do, 0 already have a row" in capsys.readouterr().out
+    # --plan: the runs without a row; --from-scratch: all; a run whose row another experiment reads counts once
+    benchmark.estimate(["table3", "table2"], [0, 1], 2, res, [])
+    out = capsys.readouterr().out
+    assert "table3: 0 runs to do" in out and "table2: 2 runs to do" in out
+    benchmark.estimate(["table3", "table2"], [0, 1], 2, res, [], scratch=True)
+    assert "table3: 4 runs to do" in (out := capsys.readouterr().out) and "table2: 4 runs to do" in out
+    monkeypatch.setitem(benchmark.SHARED_ROWS, "table2", ["table3"])
+    benchmark.estimate(["table3", "table2"], [0, 1], 2, res, [], scratch=True)
+    assert "table3: 4 runs to do" in (out := capsys.readouterr().out) and "table2: 0 runs to do" in out
+
+
+def test_plan_costs_a_run_from_finished_one_thread_rows():
+    """seconds per round x local epoch of the same method and data: median, and fastest; rows with
+    two threads or a diverged run do not count."""
+    import types
+    import benchmark
+    known = pd.DataFrame({"method": ["FedX"] * 5 + ["FedY"], "data": ["d"] * 6, "rounds": [10, 20, 10, 10, 10, 10],
+                          "local_epochs": [1] * 6, "seconds": [10.0, 60.0, 1.0, 0.5, 99.0, 0.1],
+                          "threads": [1, 1, 2, 1, 1, 1], "status": ["ok", "ok", "ok", "diverged", "ok", "ok"]})
+    args = types.SimpleNamespace(method="FedX", data="d", rounds=5, local_epochs=2)
+    per = np.array([10 / 10, 60 / 20, 99 / 10])  # the one-thread, not diverged FedX rows
+    assert np.isclose(benchmark.run_cost("fedx.py", args, known), np.median(per) * 10)
+    assert np.isclose(benchmark.run_cost("fedx.py", args, known, q=0.0), per.min() * 10)
+    assert np.isnan(benchmark.run_cost("fedx.py", types.SimpleNamespace(method="FedZ", data="d", rounds=1, local_epochs=1), known))
 
 
 def test_partial_tables_are_printed_not_published(synth, tmp_path, monkeypatch):
