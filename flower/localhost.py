@@ -70,9 +70,10 @@ class Deployment:
         started = self.flwr("run", APP, self.connection, "--run-config", run_config)
         if not started.get("success"):
             raise RuntimeError(f"flwr run failed: {started}")
-        status = ""
+        status, wait = "", 1.0
         while time.time() - t0 < timeout and not status.startswith("finished"):
-            time.sleep(2)
+            wait = min(wait * 1.5, 30)  # each `flwr ls` is a new process (about a CPU-second): asked less often as a run goes on
+            time.sleep(wait)
             runs = self.flwr("ls", self.connection, "--run-id", str(started["run-id"])).get("runs", [])
             status = runs[0]["status"] if runs else ""
             if any(p.poll() is not None for p in self.procs):

@@ -73,6 +73,24 @@ def test_records_keep_every_bit_and_shape():
     assert records.unpack(records.pack({"x": np.float64(1.5)}))["x"].shape == ()  # 0-d stays 0-d
 
 
+def test_waits_grow_by_first_up_to_the_cap_and_restart_after_work(monkeypatch):
+    from fedsc_flower import waits
+    slept = []
+    monkeypatch.setattr(waits.time, "sleep", slept.append)
+    b = waits.Backoff()
+    for _ in range(14):
+        b.wait()
+    b.reset()
+    b.wait()
+    steps = [min(waits.FIRST * k, waits.POLL) for k in range(1, 15)] + [waits.FIRST]
+    assert np.allclose(slept, steps) and max(slept) == waits.POLL
+    slept.clear()
+    server = waits.Backoff(cap=waits.FIRST)  # the ServerApp waiting for replies
+    for _ in range(5):
+        server.wait()
+    assert slept == [waits.FIRST] * 5
+
+
 def test_a_message_is_few_objects_and_large_weights_go_in_chunks(monkeypatch):
     """Every object is a request at every hop: a site's reply is the message, its record dict and one
     record of values; weights above Flower's chunk size go as an Array (chunked), the same bits back."""

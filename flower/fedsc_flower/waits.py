@@ -5,8 +5,9 @@ after 1 s, 2 s, 4 s ... up to 10 s (the initial_backoff and backoff_cap argument
 A SuperNode that finds no message waits 3 s before it asks the SuperLink again, and 0.5 s between
 looks for its ClientApp's reply. At a sub-second round these waits are most of a round. shorten()
 passes smaller values to those same functions; Backoff replaces the fixed waits: a first wait of
-0.02 s after any work, each next one twice as long, none longer than POLL s, so a quick answer is
-seen at once and an idle process asks 1 / POLL times a second."""
+FIRST s after any work, each next one FIRST s longer (0.02, 0.04, 0.06, ...: an answer that comes t s
+later is seen within about sqrt(2 FIRST t) s of it), none longer than POLL s, so an idle process asks
+1 / POLL times a second. The ServerApp, one process, waits for the sites' replies with a cap of FIRST."""
 import functools
 import time
 
@@ -24,16 +25,17 @@ def shorten(*modules):
 
 
 class Backoff:
-    """wait(): FIRST s after a reset (work was done), then each wait twice the last, up to POLL s."""
+    """wait(): FIRST s after a reset (work was done), then each wait FIRST s longer, up to cap s."""
 
-    def __init__(self):
+    def __init__(self, cap=POLL):
+        self.cap = cap
         self.reset()
 
     def reset(self):
-        self.last = FIRST / 2
+        self.last = 0.0
 
     def wait(self):
-        self.last = min(self.last * 2, POLL)
+        self.last = min(self.last + FIRST, self.cap)
         time.sleep(self.last)
 
 
