@@ -936,6 +936,10 @@ def main():
     a = p.parse_args()
     if a.from_scratch and not a.plan:
         p.error("--from-scratch goes with --plan (a run from scratch: --results with a new folder)")
+    if any(not 0 <= s < 2 ** 32 for s in a.seeds):
+        p.error(f"--seeds must be in [0, 2^32), got {' '.join(map(str, a.seeds))}")
+    if os.path.exists(a.results) and not os.path.isdir(a.results):
+        p.error(f"--results '{a.results}' is a file; give the folder of the experiment CSVs")
     if a.jobs < 1:
         p.error(f"--jobs must be at least 1, got {a.jobs}")
     a.experiments = [x for e in a.experiments for x in GROUPS.get(e, [e])]

@@ -9,6 +9,7 @@ come from here.
     check_data               checks that need the loaded cells (before any training)
     user_errors, Diverged    one `error:` line and exit 2; a diverged run exits 3; Ctrl-C exits 130
 """
+import contextlib
 import os
 import signal
 import sys
@@ -23,8 +24,10 @@ def interrupted_line():
 def end_now(signum, frame):
     """Ctrl-C or SIGTERM where a KeyboardInterrupt cannot unwind cleanly: while numpy, pandas and torch
     load (inside torch's import it would abort with a C++ message), and at exit (during torch's own exit
-    callbacks, common.py): one line, exit 130."""
-    print(interrupted_line(), file=sys.stderr, flush=True)
+    callbacks, common.py): one line, exit 130. The line goes straight to file descriptor 2: as the
+    interpreter shuts down, sys.stderr may be gone already."""
+    with contextlib.suppress(OSError):
+        os.write(2, (interrupted_line() + "\n").encode())
     os._exit(130)
 
 
@@ -35,7 +38,6 @@ SIGINT_BEFORE, SIGTERM_BEFORE = ((signal.signal(signal.SIGINT, end_now),
 
 import argparse  # noqa: E402 (after the handlers: a Ctrl-C from the first import on ends with one line)
 import ast  # noqa: E402
-import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import hashlib  # noqa: E402

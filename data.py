@@ -12,6 +12,7 @@ Every problem a user can cause (a missing file, negative counts, too many types 
 raises DataError with a one-line message that says what to do; the scripts print it and exit.
 """
 import dataclasses
+import contextlib
 import hashlib
 import heapq
 import math
@@ -313,10 +314,18 @@ def sha256sum(path):
 
 
 def download(url, dest, sha256, timeout=30):
-    """Fetch url to dest atomically (temp file + rename) after checking its sha256."""
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dest)), suffix=".part")
+    """Fetch url to dest atomically (temp file + rename) after checking its sha256; a failed download
+    leaves nothing behind, not even the folders it made for dest."""
+    folder = os.path.dirname(os.path.abspath(dest))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DataError(f"{folder} is a file, not a folder; set FEDSC_DATA_DIR to the folder that holds the data")
+    made, parent, tmp = [], folder, None  # the folders this call creates, deepest first
+    while not os.path.exists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as r:
             while chunk := r.read(1 << 20):
                 out.write(chunk)
@@ -329,8 +338,11 @@ def download(url, dest, sha256, timeout=30):
         raise DataError(f"could not download {url} ({e}); put the file at {dest} "
                         f"or set FEDSC_DATA_DIR to a folder that holds it") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        for d in made if not os.path.exists(dest) else []:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
     return dest
 
 

@@ -196,6 +196,14 @@ def load_federated(args):
     return data
 
 
+def check_shared_genes(shared, per_site, least=0.1):
+    """SERVER: the sites must share at least `least` of the genes of the site with the fewest: fewer
+    shared names mean another naming at some site (symbols and Ensembl ids, versions), not biology."""
+    if shared < max(1, least * min(per_site)):
+        raise D.DataError(f"the sites share {shared} gene name(s) of {min(per_site)} at the site with the fewest "
+                          f"(genes per site: {per_site}); check that they use the same gene naming")
+
+
 def check_site_labels(names):
     """SERVER: the sites' label names (one list per site) must be one vocabulary, or one type counts as
     two: no site with numbers (codes) beside a site with names, no name spelled two ways (case, spaces,
@@ -240,8 +248,7 @@ def load_sites(args):
     if genes is not None:
         for _, _, g, _, _ in reads[1:]:
             genes = genes[np.isin(genes, g)]  # the first site's order
-        if len(genes) == 0:
-            raise D.DataError("the sites share no gene name; check that they use the same gene naming")
+        check_shared_genes(len(genes), [len(g) for _, _, g, _, _ in reads])
         dropped = [int((~np.isin(g, genes)).sum()) for _, _, g, _, _ in reads]
         print(f"genes: {len(genes)} shared by all sites; dropped per site: {dropped}", flush=True)
         def columns(g):  # the shared genes' columns in one site's file

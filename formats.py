@@ -341,12 +341,15 @@ def check_names(X, y, names, path):
 
 
 def one_spelling(groups):
-    """Two spellings of one label name (case, spaces, '_', '-' or '.') in label lists, or None."""
+    """Two spellings of one label name (case, spaces, '_', '-' or '.'; or one number, e.g. 1, 01 and
+    1.0) in label lists, or None."""
     spellings = {}
     for n in groups:
         for x in map(str, n):
             if x.strip().lower() not in MISSING_LABELS:
-                spellings.setdefault(re.sub(r"[\s_.-]+", " ", x.strip().lower()), set()).add(x)
+                number = re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", x)
+                key = f"the number {float(x)!r}" if number else re.sub(r"[\s_.-]+", " ", x.strip().lower())
+                spellings.setdefault(key, set()).add(x)
     return next((sorted(v) for v in spellings.values() if len(v) > 1), None)
 
 
@@ -418,7 +421,12 @@ def read_labels(path, shape=None, transpose=False, barcodes=None):
 
 
 def _labels_by_name(path, ids, labels, cells):
-    """Each cell's label from the line that names it (a cell with no line, or two, is an error)."""
+    """Each cell's label from the line that names it (a cell with no line, or two, is an error; so is
+    a name that two cells of the data share: which of them would the line label?)."""
+    if len(set(cells)) < len(cells):
+        dup = next(c for c, n in collections.Counter(cells).items() if n > 1)
+        raise DataError(f"labels file '{path}' names cells, but the data has two cells named '{dup}' "
+                        f"({len(cells) - len(set(cells))} names repeat): make the data's cell names unique")
     if len(set(ids)) < len(ids):
         dup = next(i for i, n in collections.Counter(ids).items() if n > 1)
         raise DataError(f"labels file '{path}': cell '{dup}' has more than one line")
@@ -446,7 +454,8 @@ def read_column(path, key):
         else:
             values = _decode(f[key][()])
     values = np.asarray(values, dtype=object)
-    missing = sum(v is None or (isinstance(v, float) and np.isnan(v)) for v in values.tolist())
+    missing = sum(v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip().lower() in MISSING_LABELS
+                  for v in values.tolist())  # "" and "NA" are no value, as in a labels file
     if values.ndim != 1 or missing:
         raise DataError(f"'{path}': the column '{key}' must give every cell one value"
                         + (f" ({missing} cells have none)" if missing else f" (its shape is {values.shape})"))

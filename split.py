@@ -25,10 +25,16 @@ def main(argv=None):
     p.add_argument("--by", required=True, help="'partition', or the name of a per-cell column (e.g. batch)")
     p.add_argument("--out", default="sites", help="folder for the site files (existing site files are never overwritten)")
     p.add_argument("--label-key", default="", help=".h5ad obs column (or HDF5 dataset) with the cell types")
-    p.add_argument("--clients", type=int, default=4, help="--by partition: number of sites")
-    p.add_argument("--types-per-client", type=int, default=0, help="--by partition: 0 = floor(types / sites)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clients", type=int, help="--by partition: number of sites (default 4)")
+    p.add_argument("--types-per-client", type=int, help="--by partition: 0 = floor(types / sites) (the default)")
+    p.add_argument("--seed", type=int, help="--by partition: the partition's seed (default 0)")
     a = p.parse_args(argv)
+    given = [f"--{k.replace('_', '-')}" for k in ("clients", "types_per_client", "seed") if getattr(a, k) is not None]
+    if a.by != "partition" and given:
+        p.error(f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to --by partition; --by {a.by} makes "
+                f"one site of each value of '{a.by}'")
+    a.clients, a.types_per_client, a.seed = (4 if a.clients is None else a.clients, a.types_per_client or 0,
+                                             a.seed or 0)
     with common.user_errors():
         split(a)
 
@@ -42,6 +48,8 @@ def split(a):
     check(not os.path.lexists(a.out) or os.path.isdir(a.out), f"--out '{a.out}' exists and is not a folder; give a folder for the site files")
     path = D.resolve_data(a.data)
     formats.check_path(path, "the data")
+    if a.data in D.BENCHMARKS:  # a benchmark by name must be that very file, as the method files check
+        cli.check_benchmark(a.data, D.sha256sum(path), f"'{path}'")
     found = {}
     X, y, label_names, used = D.read_counts(path, a.label_key or None, names=found)
     if a.by == "partition":

@@ -43,6 +43,11 @@ def _bad_files(tmp):
     pd.DataFrame(X[:, 1:], index=X[:, 0], columns=[f"g{i}" for i in range(39)]).to_csv(tmp / "nonames.csv")
     f["nonames"] = str(tmp / "nonames.csv")
     f["notresults"] = str(tmp / "notresults.csv")
+    (tmp / "labels_numbers.txt").write_text("\n".join(f"{v}.0" if i % 2 else str(v) for i, v in enumerate(y)))  # 0 and 0.0
+    f["labels_numbers"] = str(tmp / "labels_numbers.txt")
+    pd.DataFrame(X, index=[f"c{min(i, 48)}" for i in range(50)], columns=[f"g{i}" for i in range(40)]).to_csv(tmp / "dupcells.csv")
+    pd.DataFrame({"cell": [f"c{i}" for i in range(49)], "label": y[:49]}).to_csv(tmp / "labels_by_name.csv", index=False)
+    f["dupcells"], f["labels_by_name"] = str(tmp / "dupcells.csv"), str(tmp / "labels_by_name.csv")
     return f
 
 
@@ -83,6 +88,9 @@ BAD = [  # (case, script, arguments, part of the message)
     ("out is not a results csv", "fedsc", ["--data", "{ok}", "--out", "{notresults}"], "not a results CSV"),
     ("out not writable", "fedsc", ["--data", "{ok}", "--out", "/proc/fedsc/r.csv"], "cannot write"),
     ("out names no file", "fedsc", ["--data", "{ok}", "--out", ""], "names no file"),
+    ("one number spelled two ways", "fedsc", ["--data", "{ok}", "--labels", "{labels_numbers}"], "spell one type '0' and '0.0'"),
+    ("labels by name, two cells of one name", "fedsc", ["--data", "{dupcells}", "--labels", "{labels_by_name}"],
+     "the data has two cells named 'c48'"),
 ]
 
 
@@ -123,16 +131,19 @@ def test_n_genes_above_the_gene_count_says_what_is_used(capsys):
     assert "using all of them" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("case,expect", [("missing", "site 1 ('"), ("no shared genes", "share no gene name"),
+@pytest.mark.parametrize("case,expect", [("missing", "site 1 ('"), ("no shared genes", "share 0 gene name(s) of 60"),
+                                         ("3 shared genes", "share 3 gene name(s) of 60"),
                                          ("duplicate barcodes", "duplicate cell barcodes"), ("no names", "no gene names")])
 def test_bad_sites_are_refused_naming_the_site(case, expect, tmp_path):
     a, b, X, y = site_files(tmp_path)
     if case == "missing":
         b = str(tmp_path / "nowhere.h5")
-    elif case == "no shared genes":
+    elif case.endswith("shared genes"):
         with h5py.File(b, "a") as f:
+            shared = 3 if case.startswith("3") else 0
+            names = [x.decode() for x in f["gene_names"][()]]
             del f["gene_names"]
-            f["gene_names"] = np.array([f"Other{i}" for i in range(61)]).astype("S")
+            f["gene_names"] = np.array(names[:shared] + [f"Other{i}" for i in range(shared, 61)]).astype("S")
     elif case == "duplicate barcodes":
         with h5py.File(b, "a") as f:
             del f["cell_names"]

@@ -4,6 +4,8 @@ tables and what gets published; speed.py's first-layer variants."""
 import importlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -280,3 +282,14 @@ def test_map_figure_projects_on_the_top_two_components_and_draws(tmp_path):
                   "label_name": rng.choice(["B", "T"], 200), "cluster": 0}).to_csv(folder / "clusters.csv", index=False)
     figures.draw([("a", str(folder), 50.0), ("b", str(folder), 60.0)], str(tmp_path / "map.png"))
     assert (tmp_path / "map.png").stat().st_size > 10000
+
+
+def test_benchmark_refuses_bad_options_in_one_line(tmp_path):
+    (tmp_path / "afile").write_text("")
+    for argv, expect in ((["--seeds", "0", "-1", "--plan"], "--seeds must be in [0, 2^32), got 0 -1"),
+                         (["--results", str(tmp_path / "afile"), "--plan"], "is a file; give the folder"),
+                         (["--from-scratch"], "--from-scratch goes with --plan"),
+                         (["--jobs", "0"], "--jobs must be at least 1"), (["nosuch"], "unknown experiment 'nosuch'")):
+        p = subprocess.run([sys.executable, "benchmark.py"] + argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and len(p.stderr.splitlines()) == 1 and p.stderr.startswith("error: "), (argv, p.stderr)
+        assert expect in p.stderr

@@ -47,6 +47,14 @@ def test_download_failure_says_where_to_put_the_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []  # nothing half-written
     with pytest.raises(D.DataError, match="not downloadable"):
         D.resolve_data("baron_mouse_pancreas")
+    monkeypatch.setenv("FEDSC_DATA_DIR", str(tmp_path / "new" / "data"))  # folders made for it are removed again
+    with pytest.raises(D.DataError, match="could not download"):
+        D.resolve_data("10X_PBMC")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("FEDSC_DATA_DIR", str(tmp_path / "afile"))  # a file, not a folder: one error line
+    with pytest.raises(D.DataError, match="is a file, not a folder"):
+        D.resolve_data("10X_PBMC")
 
 
 @pytest.mark.skipif(not os.path.exists(BLADDER), reason="real bladder file not available")

@@ -455,6 +455,29 @@ def test_split_checks_its_input_and_says_what_partition_leaves_out(tmp_path, cap
     deep = formats.write_h5(str(tmp_path / "deep.h5"), X, Y=y, batch=np.where(np.arange(60) < 30, "x" * 300, "s"))
     with pytest.raises(D.DataError, match="is 308 bytes; a file name can have at most 243 here"):
         split.split(args("data", deep, "by", "batch", "out", str(tmp_path / "deep")))
+    for blank in ("", "NaN"):  # a value that is no value (as in a labels file) is refused, never a site of its own
+        odd = formats.write_h5(str(tmp_path / "odd.h5"), X, Y=y, batch=np.where(np.arange(60) < 30, blank, "s"))
+        with pytest.raises(D.DataError, match=r"the column 'batch' must give every cell one value \(30 cells have none\)"):
+            split.split(args("data", odd, "by", "batch", "out", str(tmp_path / "odd")))
+        os.remove(odd)
+
+
+def test_split_refuses_partition_options_with_a_column_and_a_file_under_a_benchmark_name(tmp_path, monkeypatch):
+    path, X, y = synth(tmp_path, types=4)
+    batch = formats.write_h5(str(tmp_path / "b.h5"), X, Y=y, batch=np.where(np.arange(60) < 30, "a", "b"))
+    p = subprocess.run([sys.executable, "split.py", batch, "--by", "batch", "--clients", "3", "--seed", "1", "--out",
+                        str(tmp_path / "s")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.splitlines() == [
+        "error: --clients, --seed belong to --by partition; --by batch makes one site of each value of 'batch' (see --help)"]
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    os.link(path, fake / D.BENCHMARKS["mouse_bladder"]["file"])
+    monkeypatch.setenv("FEDSC_DATA_DIR", str(fake))
+    base = dict(data="mouse_bladder", by="partition", out=str(tmp_path / "sites"), label_key="", clients=4,
+                types_per_client=0, seed=0)
+    with pytest.raises(D.DataError, match="is not the benchmark's file"):
+        split.split(argparse.Namespace(**base))
+    assert not os.path.exists(tmp_path / "sites")
 
 
 # --------------------------------------------------------------------------------------------- the scripts' contract

@@ -128,8 +128,7 @@ def match_sites(sites, args, hello):
     genes = np.asarray(hello[0]["genes"])
     for h in hello[1:]:
         genes = genes[np.isin(genes, h["genes"])]
-    if len(genes) == 0:
-        raise SiteError("the sites share no gene name; check that they use the same gene naming")
+    federated.check_shared_genes(len(genes), [len(h["genes"]) for h in hello])  # as load_sites in process
     print(f"genes: {len(genes)} shared by all sites; dropped per site: "
           f"{[int((~np.isin(h['genes'], genes)).sum()) for h in hello]}", flush=True)
     return [str(g) for g in genes]
