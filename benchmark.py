@@ -749,10 +749,10 @@ def provenance(df):
     """Which data, code commits and machine the rows come from, and how long their runs took."""
     commits = ", ".join(f"`{c}`" for c in sorted(set(df["commit"].astype(str)))) if "commit" in df else "unknown"
     files = ", ".join(f"`{b['file']}` (sha256 {b['sha256'][:12]}…)" for b in D.BENCHMARKS.values())
-    threads = sorted(set(pd.to_numeric(df["threads"], errors="coerce").dropna().astype(int))) if "threads" in df else [1]
-    each = "one torch thread each" if threads == [1] else f"torch threads per run: {', '.join(map(str, threads))}"
-    return (f"Data: {files}. Code: commit {commits}. Runs: {len(df)} in {df['seconds'].sum() / 3600:.1f} CPU-hours "
-            f"(sum of per-run wall times, {each}, {platform.machine()}, "
+    threads = (sorted(set(pd.to_numeric(df["threads"], errors="coerce").dropna().astype(int))) if "threads" in df else []) or [1]
+    each = "one torch thread each" if threads == [1] else f"{' or '.join(map(str, threads))} torch threads per run"
+    return (f"Data: {files}. Code: commit {commits}. Runs: {len(df)} in {df['seconds'].sum() / 3600:.1f} "
+            f"{'CPU-hours' if threads == [1] else 'hours'} (sum of per-run wall times, {each}, {platform.machine()}, "
             f"torch {df['torch'].iloc[0] if 'torch' in df and len(df) else '?'}).")
 
 

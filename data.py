@@ -313,12 +313,20 @@ def sha256sum(path):
     return h.hexdigest()
 
 
+def check_folder(folder):
+    """A folder that exists, or that can be made: no file where it or a folder above it should be."""
+    above = os.path.abspath(folder)
+    while not os.path.exists(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise DataError(f"'{above}' is a file, not a folder; set FEDSC_DATA_DIR to the folder that holds the data")
+    return folder
+
+
 def download(url, dest, sha256, timeout=30):
     """Fetch url to dest atomically (temp file + rename) after checking its sha256; a failed download
     leaves nothing behind, not even the folders it made for dest."""
-    folder = os.path.dirname(os.path.abspath(dest))
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise DataError(f"{folder} is a file, not a folder; set FEDSC_DATA_DIR to the folder that holds the data")
+    folder = check_folder(os.path.dirname(os.path.abspath(dest)))
     made, parent, tmp = [], folder, None  # the folders this call creates, deepest first
     while not os.path.exists(parent):
         made.append(parent)
@@ -350,7 +358,7 @@ def resolve_data(name):
     """A benchmark name -> its file in FEDSC_DATA_DIR (downloaded if absent); a path -> itself."""
     if name in BENCHMARKS:
         b = BENCHMARKS[name]
-        path = os.path.join(data_dir(), b["file"])
+        path = os.path.join(check_folder(data_dir()), b["file"])
         if not os.path.exists(path) and b.get("url", SCDCC) is None:
             raise DataError(f"{path} not found; put {b['file']} in $FEDSC_DATA_DIR (it is not downloadable here)")
         if not os.path.exists(path):

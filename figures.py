@@ -62,6 +62,7 @@ def draw(panels, path):
 
 def main(argv):
     import cli  # its Parser: an argument error is one `error:` line
+    import common  # noqa: F401 (puts back the Ctrl-C handlers that importing cli replaces)
     p = cli.Parser(prog="benchmark.py map", description=__doc__)
     p.add_argument("--jobs", type=int, default=2)
     a = p.parse_args(argv)

@@ -341,16 +341,18 @@ def check_names(X, y, names, path):
 
 
 def one_spelling(groups):
-    """Two spellings of one label name (case, spaces, '_', '-' or '.'; or one number, e.g. 1, 01 and
+    """Two spellings of one label name (case, spaces, '_', '-' or '.'; or one whole number: 1, 01,
     1.0) in label lists, or None."""
-    spellings = {}
+    by_text, by_number = {}, {}
     for n in groups:
         for x in map(str, n):
             if x.strip().lower() not in MISSING_LABELS:
-                number = re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", x)
-                key = f"the number {float(x)!r}" if number else re.sub(r"[\s_.-]+", " ", x.strip().lower())
-                spellings.setdefault(key, set()).add(x)
-    return next((sorted(v) for v in spellings.values() if len(v) > 1), None)
+                by_text.setdefault(re.sub(r"[\s_.-]+", " ", x.strip().lower()), set()).add(x)
+                whole = re.fullmatch(r"\s*([-+]?)([0-9]+)(\.0*)?\s*", x)
+                if whole:
+                    digits = whole.group(2).lstrip("0") or "0"
+                    by_number.setdefault(("-" if whole.group(1) == "-" and digits != "0" else "") + digits, set()).add(x)
+    return next((sorted(v) for d in (by_text, by_number) for v in d.values() if len(v) > 1), None)
 
 
 class Labels(str):
@@ -425,8 +427,9 @@ def _labels_by_name(path, ids, labels, cells):
     a name that two cells of the data share: which of them would the line label?)."""
     if len(set(cells)) < len(cells):
         dup = next(c for c, n in collections.Counter(cells).items() if n > 1)
+        repeated = sum(n > 1 for n in collections.Counter(cells).values())
         raise DataError(f"labels file '{path}' names cells, but the data has two cells named '{dup}' "
-                        f"({len(cells) - len(set(cells))} names repeat): make the data's cell names unique")
+                        f"({repeated} name(s) repeat): make the data's cell names unique")
     if len(set(ids)) < len(ids):
         dup = next(i for i, n in collections.Counter(ids).items() if n > 1)
         raise DataError(f"labels file '{path}': cell '{dup}' has more than one line")
@@ -454,8 +457,8 @@ def read_column(path, key):
         else:
             values = _decode(f[key][()])
     values = np.asarray(values, dtype=object)
-    missing = sum(v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip().lower() in MISSING_LABELS
-                  for v in values.tolist())  # "" and "NA" are no value, as in a labels file
+    missing = sum(v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip().lower() in ("", "na", "nan")
+                  for v in values.tolist())  # "", "NA" and "NaN" written as text are no value
     if values.ndim != 1 or missing:
         raise DataError(f"'{path}': the column '{key}' must give every cell one value"
                         + (f" ({missing} cells have none)" if missing else f" (its shape is {values.shape})"))

@@ -177,6 +177,7 @@ def git(*a, cwd=ROOT):
 
 def main(argv=None):
     import cli  # its Parser: an argument error is one `error:` line
+    import common  # noqa: F401 (puts back the Ctrl-C handlers that importing cli replaces)
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="HEAD~1", help="the commit whose code the rows to re-stamp carry (default: the one before HEAD)")
     p.add_argument("--suite", choices=("full", "quick"), default="full")

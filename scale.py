@@ -137,6 +137,7 @@ def table(rows, command, wall):
 
 def main():
     import cli  # its Parser: an argument error is one `error:` line
+    import common  # noqa: F401 (puts back the Ctrl-C handlers that importing cli replaces)
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[10000, 30000, 100000])
     p.add_argument("--genes", type=int, default=20000)

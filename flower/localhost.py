@@ -72,7 +72,7 @@ class Deployment:
             raise RuntimeError(f"flwr run failed: {started}")
         status, wait = "", 1.0
         while time.time() - t0 < timeout and not status.startswith("finished"):
-            wait = min(wait * 1.5, 30)  # each `flwr ls` is a new process (about a CPU-second): asked less often as a run goes on
+            wait = min(wait * 1.5, 5)  # each `flwr ls` is a new process (about a CPU-second): asked less often as a run goes on
             time.sleep(wait)
             runs = self.flwr("ls", self.connection, "--run-id", str(started["run-id"])).get("runs", [])
             status = runs[0]["status"] if runs else ""

@@ -184,3 +184,13 @@ def test_ctrl_c_stops_the_benchmark_and_its_runs(tmp_path):
     assert "2 stopped, 2 not started" in out
     left = subprocess.run(["pgrep", "-f", res], capture_output=True, text=True).stdout.split()
     assert left == [] and not os.path.exists(os.path.join(res, "quick", "table3.csv"))
+
+
+def test_one_spelling_of_a_number_and_of_a_name():
+    import formats
+    same = [["0", "0.0"], ["1", "01"], ["7", " 7.00"], ["0", "-0"], ["1.0", "1_0"], ["T cell", "T_cell"], ["B", "b"]]
+    apart = [["2.1", "2.10"], ["1", "10"], ["1.5", "15"], ["12345678901234567890", "12345678901234567891"],
+             ["1e400", "2e400"], ["-1", "1"], ["T cell", "NK cell"]]
+    assert all(formats.one_spelling([pair]) == sorted(pair) for pair in same)
+    assert all(formats.one_spelling([pair]) is None for pair in apart)
+    assert formats.one_spelling([["0", "1"], ["1.0"]]) == ["1", "1.0"]  # across sites too

@@ -52,9 +52,11 @@ def test_download_failure_says_where_to_put_the_file(tmp_path, monkeypatch):
         D.resolve_data("10X_PBMC")
     assert os.listdir(tmp_path) == []
     (tmp_path / "afile").write_text("x")
-    monkeypatch.setenv("FEDSC_DATA_DIR", str(tmp_path / "afile"))  # a file, not a folder: one error line
-    with pytest.raises(D.DataError, match="is a file, not a folder"):
-        D.resolve_data("10X_PBMC")
+    for where in ("afile", "afile/sub"):  # a file, not a folder (or above it): one error line, before any download
+        monkeypatch.setenv("FEDSC_DATA_DIR", str(tmp_path / where))
+        for name in ("10X_PBMC", "baron_mouse_pancreas"):
+            with pytest.raises(D.DataError, match="afile' is a file, not a folder"):
+                D.resolve_data(name)
 
 
 @pytest.mark.skipif(not os.path.exists(BLADDER), reason="real bladder file not available")

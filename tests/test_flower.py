@@ -85,10 +85,11 @@ def test_waits_grow_by_first_up_to_the_cap_and_restart_after_work(monkeypatch):
     steps = [min(waits.FIRST * k, waits.POLL) for k in range(1, 15)] + [waits.FIRST]
     assert np.allclose(slept, steps) and max(slept) == waits.POLL
     slept.clear()
-    server = waits.Backoff(cap=waits.FIRST)  # the ServerApp waiting for replies
+    server = waits.Backoff(cap=waits.SERVER_POLL)  # the ServerApp waiting for replies
     for _ in range(5):
         server.wait()
-    assert slept == [waits.FIRST] * 5
+    assert np.allclose(slept, [min(waits.FIRST * k, waits.SERVER_POLL) for k in range(1, 6)])
+    assert slept[-1] == waits.SERVER_POLL < waits.POLL
 
 
 def test_a_message_is_few_objects_and_large_weights_go_in_chunks(monkeypatch):

@@ -57,9 +57,10 @@ class Sites:
         return out
 
     def send_and_receive(self, msgs):
-        """grid.send_and_receive, asking for the replies every waits.FIRST s (Flower's deployment grid waits 3 s):
-        a round ends when its slowest site answers, and this one process's asking costs little."""
-        waiting, replies, t0, backoff = set(self.grid.push_messages(msgs)), [], time.time(), waits.Backoff(cap=waits.FIRST)
+        """grid.send_and_receive, asking for the replies after waits.Backoff's waits up to waits.SERVER_POLL s
+        (Flower's deployment grid waits 3 s): a round ends soon after its slowest site answers."""
+        waiting, replies, t0 = set(self.grid.push_messages(msgs)), [], time.time()
+        backoff = waits.Backoff(cap=waits.SERVER_POLL)
         while waiting and time.time() - t0 < self.timeout:
             new = list(self.grid.pull_messages(waiting))
             replies += new

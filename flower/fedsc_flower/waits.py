@@ -7,11 +7,11 @@ looks for its ClientApp's reply. At a sub-second round these waits are most of a
 passes smaller values to those same functions; Backoff replaces the fixed waits: a first wait of
 FIRST s after any work, each next one FIRST s longer (0.02, 0.04, 0.06, ...: an answer that comes t s
 later is seen within about sqrt(2 FIRST t) s of it), none longer than POLL s, so an idle process asks
-1 / POLL times a second. The ServerApp, one process, waits for the sites' replies with a cap of FIRST."""
+1 / POLL times a second. The ServerApp, one process, waits at most SERVER_POLL s for the sites' replies."""
 import functools
 import time
 
-FIRST, POLL = 0.02, 0.2
+FIRST, POLL, SERVER_POLL = 0.02, 0.2, 0.05  # SERVER_POLL: the ServerApp's longest wait for the sites' replies
 
 
 def shorten(*modules):
