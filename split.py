@@ -49,7 +49,7 @@ def split(a):
     path = D.resolve_data(a.data)
     formats.check_path(path, "the data")
     if a.data in D.BENCHMARKS:  # a benchmark by name must be that very file, as the method files check
-        cli.check_benchmark(a.data, D.sha256sum(path), f"'{path}'")
+        cli.check_benchmark(a.data, cli.file_sha256(path), f"'{path}'")
     found = {}
     X, y, label_names, used = D.read_counts(path, a.label_key or None, names=found)
     if a.by == "partition":
